@@ -1,0 +1,29 @@
+"""CLIP: causal text transformer + ViT image encoder, contrastive training."""
+import ml_collections as mlc
+
+from unclip_jax import config_lib
+
+VARIANTS = ("tiny", "vit_b32", "vit_l14")
+
+
+def get_config(arg: str = ""):
+  variant = config_lib.select_variant(arg, VARIANTS, default="vit_l14")
+  c = config_lib.base_config("clip")
+  c.variant = variant
+  c.model = mlc.ConfigDict(dict(
+      projection_dim=768,
+      text=dict(vocab_size=49408, width=768, layers=12, heads=12, mlp_dim=3072, context_length=77,
+                act="quick_gelu", eos_token_id=2),
+      vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, act="quick_gelu"),
+      logit_scale_init=2.6592, logit_scale_max=100.0,
+  ))
+  if variant == "vit_b32":
+    c.model.projection_dim = 512
+    c.model.text.update(width=512, heads=8, mlp_dim=2048)
+    c.model.vision.update(patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072)
+  if variant == "tiny":
+    c.model.projection_dim = 32
+    c.model.text.update(vocab_size=99, width=32, layers=2, heads=4, mlp_dim=37, context_length=16)
+    c.model.vision.update(image_size=30, patch_size=2, width=32, layers=2, heads=4, mlp_dim=37)
+    c.batch_size = 8
+  return c

@@ -1,0 +1,32 @@
+"""64x64 decoder: GLIDE/ADM UNet conditioned on CLIP image embeddings and text (Karlo decoder sizes)."""
+import ml_collections as mlc
+
+from unclip_jax import config_lib
+
+VARIANTS = ("tiny", "karlo", "glide")
+
+
+def get_config(arg: str = ""):
+  variant = config_lib.select_variant(arg, VARIANTS, default="karlo")
+  c = config_lib.base_config("decoder")
+  c.variant = variant
+  c.model = mlc.ConfigDict(dict(
+      image_size=64, in_channels=3, out_channels=6,
+      block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
+      attention_levels=(False, True, True, True), head_dim=64,
+      cross_attention_dim=1536, clip_embedding_dim=768, clip_extra_context_tokens=4,
+      time_scale_shift="scale_shift", norm_num_groups=32, dropout=0.1,
+  ))
+  c.diffusion = config_lib.diffusion_config(prediction="eps", variance="learned_range", loss="hybrid")
+  c.sampling = config_lib.sampling_config(steps="25", guidance_scale=8.0, clip_range=1.0)
+  c.clip_drop_prob = 0.1
+  c.text_drop_prob = 0.5
+  if variant == "glide":
+    c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512)
+    c.sampling.update(steps="100", guidance_scale=3.0)
+  if variant == "tiny":
+    c.model.update(image_size=16, block_out_channels=(16, 32, 48), layers_per_block=2,
+                   attention_levels=(False, True, True), head_dim=8, cross_attention_dim=24,
+                   clip_embedding_dim=32, norm_num_groups=8, dropout=0.0)
+    c.batch_size = 8
+  return c

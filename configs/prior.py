@@ -1,0 +1,30 @@
+"""Diffusion prior: CLIP text -> CLIP image embedding (Karlo PriorTransformer sizes)."""
+import ml_collections as mlc
+
+from unclip_jax import config_lib
+
+VARIANTS = ("tiny", "karlo")
+
+
+def get_config(arg: str = ""):
+  variant = config_lib.select_variant(arg, VARIANTS, default="karlo")
+  c = config_lib.base_config("prior")
+  c.variant = variant
+  c.model = mlc.ConfigDict(dict(
+      embedding_dim=768,          # CLIP embedding width E
+      num_embeddings=77,          # text tokens
+      num_layers=20, num_heads=32, head_dim=64,   # inner width 2048
+      additional_embeddings=4,    # [text_emb, time, x_t, prd]
+      normalization="clip_stats",  # "clip_stats" (per-dim clip_mean/clip_std, Karlo) or "sqrt_dim"
+      dropout=0.0,
+  ))
+  c.diffusion = config_lib.diffusion_config(prediction="x0", variance="fixed_small_log", loss="mse")
+  c.sampling = config_lib.sampling_config(steps="25", guidance_scale=4.0, clip_range=5.0)
+  c.text_drop_prob = 0.1
+  c.num_candidates = 2            # draw n, keep the one with the highest dot product with the text embedding
+  c.optim.update(lr=1.1e-4, weight_decay=6e-2)
+  if variant == "tiny":
+    c.model.update(embedding_dim=32, num_embeddings=16, num_layers=2, num_heads=2, head_dim=12)
+    c.diffusion.timesteps = 1000
+    c.batch_size = 8
+  return c

@@ -1,0 +1,45 @@
+"""unclip_jax: unCLIP (DALL-E 2) in JAX/Flax."""
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+_HERE = pathlib.Path(__file__).parent
+_VERSION = re.search(r'__version__ = "([^"]+)"', (_HERE / "unclip_jax" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="unclip_jax",
+    version=_VERSION,
+    description="A JAX/Flax, TPU-native reimplementation of OpenAI's unCLIP (DALL-E 2).",
+    long_description=(_HERE / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
+    package_data={"unclip_jax": ["assets/*", "assets/**/*"]},
+    install_requires=[
+        # Ranges we support; requirements/constraints.txt pins the tested combination.
+        "jax>=0.10.2,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "tensorflow-datasets>=4.9.10,<5",
+        "ml_collections>=1.1.0",
+        "transformers>=5.6,<6",
+        "safetensors>=0.4",
+        "numpy>=2.0",
+        "pillow>=10",
+        "tqdm>=4.60",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch==2.13.0",
+            "transformers>=5.6,<6",
+            "diffusers==0.42.1",
+            "safetensors>=0.4",
+        ],
+    },
+)

@@ -1,0 +1,22 @@
+"""Process-wide test settings: 8 forced CPU devices, offline hubs, one thread per xdist worker."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("UNCLIP_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+  try:
+    import torch
+
+    torch.set_num_threads(1)
+  except ImportError:
+    pass

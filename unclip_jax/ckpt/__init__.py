@@ -1,0 +1,1 @@
+"""Checkpointing and PyTorch <-> Flax weight conversion."""

@@ -1,0 +1,1 @@
+"""Tokenization, dataset builders and input pipelines."""

@@ -1,0 +1,1 @@
+"""Flax linen models: CLIP, priors, text projection and the ADM/GLIDE UNet."""
