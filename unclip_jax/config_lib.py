@@ -63,6 +63,7 @@ def sampling_config(*, steps: str = "25", sampler: str = "ddpm", eta: float = 0.
   return mlc.ConfigDict(dict(
       steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
       clip_denoised=clip_denoised, clip_range=clip_range, dynamic_threshold=dynamic_threshold,
+      single_step_beta="ratio",   # "schedule" reproduces diffusers' UnCLIPScheduler bit for bit
   ))
 
 
