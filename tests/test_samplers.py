@@ -183,3 +183,26 @@ def test_mismatched_shapes():
   with pytest.raises(ValueError, match="model output has 3 channels; variance 'learned_range' with 3 data"):
     samplers.sample(lambda x, t: x, jax.random.normal(jax.random.key(0), (2, 4, 3)), jax.random.key(0),
                     diffusion=diffusion, steps="3")
+
+
+def test_sampler_with_sharded_latents_matches_single_device():
+  devices = np.array(jax.devices()[:8])
+  assert devices.size == 8, "conftest forces 8 CPU devices"
+  mesh = jax.sharding.Mesh(devices.reshape(4, 2), ("data", "fsdp"),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  latent_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  diffusion = _diffusion("eps", "learned_range")
+  settings = samplers.SamplerSettings(method="ddpm", guidance_scale=2.0)
+  x_T = jax.random.normal(jax.random.key(4), (8, 5, 4))
+  cond = jax.random.normal(jax.random.key(5), (16, 4))
+  model = _toy_conditional_model(4, True)
+  apply = lambda variables, x, t, c: model(c, x, t)
+  single = samplers.make_sampler(apply, diffusion=diffusion, steps="6", settings=settings)({}, cond, x_T,
+                                                                                          jax.random.key(1))
+  with jax.set_mesh(mesh):
+    sharded_run = samplers.make_sampler(apply, diffusion=diffusion, steps="6", settings=settings,
+                                        sharding=latent_sharding)
+    out = sharded_run({}, jax.device_put(cond, latent_sharding), jax.device_put(x_T, latent_sharding),
+                      jax.random.key(1))
+  assert out.sharding.is_equivalent_to(latent_sharding, out.ndim)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-5)
