@@ -1,0 +1,124 @@
+"""Checkpoints: a thin wrapper over orbax's CheckpointManager (the only module that imports orbax).
+
+A checkpoint step holds the train state (params, EMA, optimiser state, step), the config as JSON, a `meta`
+JSON with versions and the checkpoint schema, and optionally the data iterator's state. Orbax writes each
+step to a temporary directory and renames it when complete, so an interrupted save never leaves a partial
+checkpoint that restore would pick up.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+import unclip_jax
+
+
+def git_commit() -> str:
+  """The repository's HEAD commit, or "unknown" outside a checkout."""
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                         cwd=pathlib.Path(__file__).resolve().parent)
+    return out.stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def version_stamp(stage: str) -> dict[str, Any]:
+  """Versions of everything that shapes a checkpoint, stored beside it."""
+  import flax
+  import optax
+
+  return dict(unclip_jax=unclip_jax.__version__, schema=unclip_jax.CHECKPOINT_SCHEMA, stage=stage,
+              jax=jax.__version__, flax=flax.__version__, optax=optax.__version__, orbax=ocp.__version__,
+              commit=git_commit())
+
+
+class CheckpointManager:
+  """Save/restore train states under `directory/<step>/`.
+
+  Args:
+    directory: where checkpoints live (created if missing).
+    max_to_keep: keep the newest N steps.
+    async_save: write in a background thread (call `wait()` before exiting).
+    with_iterator: also save a grain iterator's state (pass `data_iter` to save/restore).
+  """
+
+  def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True, with_iterator: bool = False):
+    self.directory = pathlib.Path(directory).absolute()
+    self.with_iterator = with_iterator
+    names = ("state", "config", "meta") + (("iter",) if with_iterator else ())
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self._mngr = ocp.CheckpointManager(self.directory, item_names=names, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state, *, config: dict, stage: str, data_iter=None, force: bool = False) -> bool:
+    """Starts saving `state` at `step` (asynchronously by default). Every process must call it."""
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+                 meta=ocp.args.JsonSave(version_stamp(stage)))
+    if self.with_iterator:
+      if data_iter is None:
+        raise ValueError("this manager saves the data iterator: pass data_iter")
+      import grain
+
+      items["iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract_state, step: int | None = None, *, data_iter=None):
+    """Restores the state at `step` (default: latest) onto the shardings of `abstract_state`.
+
+    `abstract_state` is a tree of `jax.ShapeDtypeStruct` (with `sharding=`), e.g. from `jax.eval_shape`.
+    Returns (state, meta). Raises FileNotFoundError when there is no checkpoint and ValueError when the
+    checkpoint's schema is newer than this code understands.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
+    meta = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if int(meta.get("schema", -1)) > unclip_jax.CHECKPOINT_SCHEMA:
+      raise ValueError(f"checkpoint {self.directory}/{step} has schema {meta.get('schema')}, newer than this "
+                       f"unclip_jax ({unclip_jax.CHECKPOINT_SCHEMA}); upgrade unclip_jax")
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if self.with_iterator and data_iter is not None:
+      import grain
+
+      items["iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"], meta
+
+  def restore_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self._mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are committed."""
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.close()
+
+
+def abstract_with_shardings(tree, shardings=None):
+  """ShapeDtypeStructs of `tree` (arrays or abstract values) carrying `shardings` (default: their own)."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def describe(directory) -> str:
+  """A one-line summary of the checkpoints in `directory` (for logs)."""
+  steps = sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit())
+  return json.dumps({"directory": str(directory), "steps": steps})

@@ -1,0 +1,1 @@
+"""Training: optimiser, train state with EMA, the generic train step."""
