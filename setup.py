@@ -31,6 +31,7 @@ setup(
         "pillow>=10",
         "tqdm>=4.60",
         "absl-py>=2.0",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "test": [

@@ -79,8 +79,13 @@ def base_config(stage: str) -> mlc.ConfigDict:
   c.num_train_steps = 1_000_000
   c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=10_000, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                 grad_clip=1.0, ema_decay=0.9999, grad_accum=1))
+  c.log_every = 50
+  c.ckpt_every = 1000
+  c.keep_checkpoints = 3
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.axis_rules = AXIS_RULES
+  c.fsdp_min_bytes = 4 * 2 ** 20   # tensors at least this big are FSDP-sharded even without logical axes
+  c.sharding_tolerance = 0.02      # max fraction of parameter bytes left in large replicated tensors
   c.dtype = "bfloat16"        # compute dtype; parameters stay float32
   c.param_dtype = "float32"
   c.remat_policy = "none"     # "none", "full", "dots_saveable", ...

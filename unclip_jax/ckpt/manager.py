@@ -1,7 +1,8 @@
 """Checkpoints: a thin wrapper over orbax's CheckpointManager (the only module that imports orbax).
 
 A checkpoint step holds the train state (params, EMA, optimiser state, step), the config as JSON, a `meta`
-JSON with versions and the checkpoint schema, and optionally the data iterator's state. Orbax writes each
+JSON with versions and the checkpoint schema, and the data iterator's position as JSON (grain iterators'
+`get_state()`, or null). Orbax writes each
 step to a temporary directory and renames it when complete, so an interrupted save never leaves a partial
 checkpoint that restore would pick up.
 """
@@ -45,13 +46,11 @@ class CheckpointManager:
     directory: where checkpoints live (created if missing).
     max_to_keep: keep the newest N steps.
     async_save: write in a background thread (call `wait()` before exiting).
-    with_iterator: also save a grain iterator's state (pass `data_iter` to save/restore).
   """
 
-  def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True, with_iterator: bool = False):
+  def __init__(self, directory, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
-    self.with_iterator = with_iterator
-    names = ("state", "config", "meta") + (("iter",) if with_iterator else ())
+    names = ("state", "config", "meta", "data")
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
     self._mngr = ocp.CheckpointManager(self.directory, item_names=names, options=options)
@@ -62,19 +61,17 @@ class CheckpointManager:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def save(self, step: int, state, *, config: dict, stage: str, data_iter=None, force: bool = False) -> bool:
-    """Starts saving `state` at `step` (asynchronously by default). Every process must call it."""
-    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
-                 meta=ocp.args.JsonSave(version_stamp(stage)))
-    if self.with_iterator:
-      if data_iter is None:
-        raise ValueError("this manager saves the data iterator: pass data_iter")
-      import grain
+  def save(self, step: int, state, *, config: dict, stage: str, data_state: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts saving `state` at `step` (asynchronously by default). Every process must call it.
 
-      items["iter"] = grain.checkpoint.CheckpointSave(data_iter)
+    `data_state` is the data iterator's JSON-serialisable position (e.g. a grain iterator's `get_state()`).
+    """
+    items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+                 meta=ocp.args.JsonSave(version_stamp(stage)), data=ocp.args.JsonSave({"state": data_state}))
     return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, abstract_state, step: int | None = None, *, data_iter=None):
+  def restore(self, abstract_state, step: int | None = None):
     """Restores the state at `step` (default: latest) onto the shardings of `abstract_state`.
 
     `abstract_state` is a tree of `jax.ShapeDtypeStruct` (with `sharding=`), e.g. from `jax.eval_shape`.
@@ -90,13 +87,13 @@ class CheckpointManager:
     if int(meta.get("schema", -1)) > unclip_jax.CHECKPOINT_SCHEMA:
       raise ValueError(f"checkpoint {self.directory}/{step} has schema {meta.get('schema')}, newer than this "
                        f"unclip_jax ({unclip_jax.CHECKPOINT_SCHEMA}); upgrade unclip_jax")
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    if self.with_iterator and data_iter is not None:
-      import grain
-
-      items["iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    restored = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
     return restored["state"], meta
+
+  def restore_data_state(self, step: int | None = None):
+    """The data iterator position saved with `step` (default: latest), or None."""
+    step = self.latest_step() if step is None else step
+    return self._mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]["state"]
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

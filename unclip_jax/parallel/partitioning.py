@@ -53,16 +53,17 @@ def param_shardings(abstract_params, mesh: jax.sharding.Mesh, rules, *, fsdp_axi
   return jax.tree.map(pick, leaves, logical)
 
 
-def replicated_fraction(params) -> float:
-  """Fraction of parameter bytes that are fully replicated (0 when every tensor is sharded)."""
+def replicated_fraction(params, min_bytes: int = 0) -> float:
+  """Fraction of all parameter bytes held in fully replicated tensors of at least `min_bytes` bytes."""
   sizes = [(x.nbytes, x.sharding.is_fully_replicated) for x in jax.tree.leaves(params)]
   total = sum(n for n, _ in sizes)
-  return sum(n for n, replicated in sizes if replicated) / max(total, 1)
+  return sum(n for n, replicated in sizes if replicated and n >= min_bytes) / max(total, 1)
 
 
-def assert_sufficiently_sharded(params, tolerance: float = 0.02) -> None:
-  """Raises AssertionError when more than `tolerance` of the parameter bytes stay replicated."""
-  frac = replicated_fraction(params)
+def assert_sufficiently_sharded(params, tolerance: float = 0.02, min_bytes: int = 0) -> None:
+  """Raises AssertionError when replicated tensors (of >= `min_bytes` each) hold more than `tolerance` of
+  the parameter bytes. Small tensors (biases, norms) may stay replicated when `min_bytes` is set."""
+  frac = replicated_fraction(params, min_bytes)
   if frac > tolerance:
     raise AssertionError(f"{frac:.1%} of parameter bytes are fully replicated (tolerance {tolerance:.1%}); "
                          "annotate the large kernels with logical axes or lower the FSDP threshold")

@@ -1,0 +1,221 @@
+"""The training loop every stage shares: mesh, sharded init, AOT compile, steps, metrics, checkpoints.
+
+A stage contributes a `Task` (parameter init, loss, per-host batches); everything else — sharding, the
+optimiser, EMA, non-finite skipping, resuming, preemption — is here, once.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import pathlib
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unclip_jax.ckpt.manager import CheckpointManager, abstract_with_shardings
+from unclip_jax.parallel import mesh as mesh_lib, partitioning
+from unclip_jax.train import optim
+from unclip_jax.train.state import TrainState
+from unclip_jax.train.step import make_train_step
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, for the MFU estimate (unknown devices report no MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+@dataclasses.dataclass
+class Task:
+  """What a stage supplies to `train`.
+
+  Attributes:
+    init_params: rng -> parameter tree (kernels may be `nn.Partitioned`-boxed with logical axis names).
+    loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics); pure.
+    data: iterator of per-host numpy batches (dicts of arrays with a leading batch axis). If it has
+      `get_state()`/`set_state(state)` (grain iterators do), its position is checkpointed and restored.
+    examples_per_batch: global examples per step, for examples/s (default: leading dim × process count).
+  """
+  init_params: Callable[[jax.Array], Any]
+  loss_fn: Callable[..., tuple[jax.Array, dict]]
+  data: Iterator[dict[str, np.ndarray]]
+  examples_per_batch: int | None = None
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def state_shardings(abstract_state: TrainState, param_sh, mesh) -> TrainState:
+  """Shardings for the whole state: params and EMA as `param_sh`; optimiser sub-trees shaped like the
+  params (Adam moments) follow them; everything else (counts, scalars) is replicated."""
+  replicated = NamedSharding(mesh, P())
+  struct = jax.tree.structure(abstract_state.params)
+  is_param_tree = lambda sub: jax.tree.structure(sub) == struct
+  opt_sh = jax.tree.map(lambda sub: param_sh if is_param_tree(sub) else jax.tree.map(lambda _: replicated, sub),
+                        abstract_state.opt_state, is_leaf=is_param_tree)
+  return TrainState(step=replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh)
+
+
+def to_global(batch: dict, mesh) -> dict:
+  """Per-host numpy batch -> global jax.Arrays sharded over the data-parallel axes."""
+  return {k: jax.make_array_from_process_local_data(partitioning.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in batch.items()}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (then it checkpoints and exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    with contextlib.suppress(ValueError):         # not the main thread: no handler, no preemption saves
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM received: checkpointing after this step")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class MetricsWriter:
+  """Console (logging + progress bar) and TensorBoard event files; only process 0 writes."""
+
+  def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self._tb = None
+    self._bar = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      from tqdm.auto import tqdm
+
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._tb.flush()
+    self._bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "grad_norm", "steps_per_s")})
+    log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(scalars.items())))
+
+  def advance(self, n: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) -> TrainState:
+  """Trains `task` to `cfg.num_train_steps` (or `max_steps` more steps), resuming from `workdir` if possible.
+
+  Checkpoints every `cfg.ckpt_every` steps, at the end, and on SIGTERM. Returns the final state.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = mesh or mesh_lib.make_mesh(dict(cfg.mesh))
+  rules = tuple(tuple(r) for r in cfg.axis_rules)
+  tx = optim.make_optimizer(cfg)
+  base_rng = jax.random.key(cfg.seed)
+  init_rng, step_rng = jax.random.split(base_rng)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_params = jax.eval_shape(task.init_params, init_rng)
+    param_sh = partitioning.param_shardings(abstract_params, mesh, rules, min_bytes=cfg.fsdp_min_bytes)
+    init_state = lambda rng: TrainState.create(nn.unbox(task.init_params(rng)), tx)
+    abstract_state = jax.eval_shape(init_state, init_rng)
+    state_sh = state_shardings(abstract_state, param_sh, mesh)
+
+    mngr = CheckpointManager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
+    has_data_state = hasattr(task.data, "get_state") and hasattr(task.data, "set_state")
+    if mngr.latest_step() is not None:
+      state, _ = mngr.restore(abstract_with_shardings(abstract_state, state_sh))
+      data_state = mngr.restore_data_state()
+      if has_data_state and data_state is not None:
+        task.data.set_state(data_state)
+      log.info("resumed from step %d", int(state.step))
+    else:
+      state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    replicated = partitioning.replicated_fraction(state.params, min_bytes=cfg.fsdp_min_bytes)
+    log.info("%s: %.2fM parameters, %.1f%% of bytes in large replicated tensors, mesh %s", cfg.stage,
+             n_params / 1e6, 100 * replicated, dict(mesh.shape))
+    if mesh.shape["fsdp"] > 1:
+      partitioning.assert_sufficiently_sharded(state.params, cfg.sharding_tolerance, min_bytes=cfg.fsdp_min_bytes)
+
+    step_fn = make_train_step(task.loss_fn, tx, ema_decay=cfg.optim.ema_decay, grad_accum=int(cfg.optim.grad_accum),
+                              lr_schedule=optim.learning_rate_schedule(cfg))
+    start = int(state.step)
+    end = cfg.num_train_steps if max_steps is None else min(cfg.num_train_steps, start + max_steps)
+    if start >= end:
+      mngr.close()
+      return state
+
+    first = to_global(next(task.data), mesh)
+    batch_sh = jax.tree.map(lambda x: x.sharding, first)
+    replicated_sh = NamedSharding(mesh, P())
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated_sh), out_shardings=(state_sh, None),
+                     donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, first, step_rng).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis() or {}
+    flops = float(cost.get("flops", 0.0)) if isinstance(cost, dict) else 0.0
+    log.info("train_step compiled in %.1fs; %.3g FLOP/step/device; memory: %s", compile_s, flops,
+             compiled.memory_analysis())
+    peak = peak_flops(jax.devices()[0])
+    examples = task.examples_per_batch or int(next(iter(first.values())).shape[0])
+
+    writer = MetricsWriter(workdir, end, start)
+    batch, last_log, last_time = first, start, time.perf_counter()
+    skipped = 0
+    with _Preemption() as preemption:
+      for step in range(start, end):
+        state, metrics = compiled(state, batch, step_rng)
+        writer.advance()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end or preemption.requested:
+          metrics = jax.device_get(metrics)
+          skipped += int(metrics.pop("skipped"))
+          now = time.perf_counter()
+          rate = (done - last_log) / max(now - last_time, 1e-9)
+          scalars = {k: float(v) for k, v in metrics.items()}
+          scalars.update(steps_per_s=rate, examples_per_s=rate * examples, skipped_steps=float(skipped))
+          if peak and flops:
+            scalars["mfu"] = flops * rate / peak
+          writer.write(done, scalars)
+          last_log, last_time = done, now
+        if done % cfg.ckpt_every == 0 or done == end or preemption.requested:
+          mngr.save(done, state, config=cfg.to_dict(), stage=cfg.stage,
+                    data_state=task.data.get_state() if has_data_state else None)
+        if preemption.requested:
+          log.warning("stopping at step %d after SIGTERM (checkpoint saved)", done)
+          break
+        if done < end:
+          batch = to_global(next(task.data), mesh)
+    mngr.wait()
+    mngr.close()
+    writer.close()
+  return state
