@@ -224,3 +224,16 @@ def test_learning_rate_warms_up_then_decays():
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(10)), 1e-2, rtol=1e-6)
   assert float(schedule(55)) < 1e-2 and float(schedule(100)) < 1e-5
+
+
+def test_frozen_parameters_and_weight_decay_mask():
+  cfg = _cfg(weight_decay=0.5, frozen=("clip_std",))
+  params = {"clip_std": jnp.ones((1, 4)), "clip_mean": jnp.ones((1, 4)), "proj": {"kernel": jnp.ones((4, 4)),
+                                                                                  "bias": jnp.ones((4,))}}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {"clip_std": False, "clip_mean": False, "proj": {"kernel": True, "bias": False}}
+  tx = optim.make_optimizer(cfg)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(jnp.max(jnp.abs(updates["clip_std"]))) == 0.0
+  assert float(jnp.max(jnp.abs(updates["proj"]["kernel"]))) > 0.0

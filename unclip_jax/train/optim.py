@@ -1,8 +1,13 @@
 """The optax optimiser every stage trains with, built from the config's `optim` block."""
 from __future__ import annotations
 
+import re
+
 import jax
 import optax
+
+# Parameters that are embeddings or data statistics rather than weight matrices: never weight-decayed.
+NO_DECAY_NAMES = ("embedding", "clip_mean", "clip_std", "logit_scale", "learned_classifier_free_guidance")
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
@@ -15,13 +20,28 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
                                             decay_steps=total, end_value=o.lr * o.get("final_lr_fraction", 0.0))
 
 
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def weight_decay_mask(params):
-  """Decay matrices and conv kernels only: no decay on biases, norm scales, embeddings vectors."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Decay matrices and conv kernels only: no decay on biases, norm scales, embeddings or statistics."""
+  def decays(path, p):
+    name = _path_str(path)
+    return p.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def frozen_labels(params, patterns) -> object:
+  """'frozen' for parameters whose path matches one of the regex `patterns`, else 'train'."""
+  compiled = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "frozen" if any(c.search(_path_str(path)) for c in compiled) else "train", params)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW(schedule, masked weight decay), wrapped in MultiSteps for accumulation."""
+  """clip_by_global_norm -> AdamW(schedule, masked weight decay); parameters matching `optim.frozen`
+  (e.g. the prior's CLIP statistics) get zero updates; MultiSteps wraps it for gradient accumulation."""
   o = cfg.optim
   if o.lr <= 0:
     raise ValueError(f"optim.lr must be positive, got {o.lr}")
@@ -33,6 +53,10 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   parts.append(optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                            mask=weight_decay_mask))
   tx = optax.chain(*parts)
+  frozen = tuple(o.get("frozen", ()))
+  if frozen:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               lambda params: frozen_labels(params, frozen))
   if int(o.grad_accum) > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=int(o.grad_accum))
   return tx
