@@ -16,13 +16,19 @@ def get_config(arg: str = ""):
       num_layers=20, num_heads=32, head_dim=64,   # inner width 2048
       additional_embeddings=4,    # [text_emb, time, x_t, prd]
       normalization="clip_stats",  # "clip_stats" (per-dim clip_mean/clip_std, Karlo) or "sqrt_dim"
-      dropout=0.0,
+      dropout=0.0,                 # diffusers field; the model has no dropout (Karlo trains with 0)
+      remat=False,                 # nn.remat each transformer block
+      scan_layers=False,           # nn.scan the blocks (stacked params; prior.stack_blocks converts)
   ))
   c.diffusion = config_lib.diffusion_config(prediction="x0", variance="fixed_small_log", loss="mse")
   c.sampling = config_lib.sampling_config(steps="25", guidance_scale=4.0, clip_range=5.0)
   c.text_drop_prob = 0.1
+  # What dropped examples (training) and the uncond branch (sampling) see: "zeros" (zero embedding/tokens, all
+  # tokens masked) or "empty_prompt" (CLIP encoding of "", as Karlo and diffusers' UnCLIPPipeline). Never learned.
+  c.null_text = "zeros"
   c.num_candidates = 2            # draw n, keep the one with the highest dot product with the text embedding
-  c.optim.update(lr=1.1e-4, weight_decay=6e-2)
+  # clip_mean/clip_std are data statistics: frozen (and never weight-decayed, see train/optim.py).
+  c.optim.update(lr=1.1e-4, weight_decay=6e-2, frozen=("clip_mean", "clip_std"))
   if variant == "tiny":
     c.model.update(embedding_dim=32, num_embeddings=16, num_layers=2, num_heads=2, head_dim=12)
     c.diffusion.timesteps = 1000
