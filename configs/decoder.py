@@ -1,4 +1,9 @@
-"""64x64 decoder: GLIDE/ADM UNet conditioned on CLIP image embeddings and text (Karlo decoder sizes)."""
+"""64x64 decoder: GLIDE/ADM UNet conditioned on CLIP image embeddings and text (Karlo decoder sizes).
+
+`model` is read by `unclip_jax.models.unet.from_config` (UNet fields) and `unclip_jax.models.text_proj.from_config`
+(clip_embedding_dim, clip_extra_context_tokens, cross_attention_dim; time_embed_dim = 4·block_out_channels[0]).
+Compute dtype and remat policy are the top-level `dtype` / `remat_policy` (config_lib.base_config).
+"""
 import ml_collections as mlc
 
 from unclip_jax import config_lib
@@ -11,17 +16,22 @@ def get_config(arg: str = ""):
   c = config_lib.base_config("decoder")
   c.variant = variant
   c.model = mlc.ConfigDict(dict(
-      image_size=64, in_channels=3, out_channels=6,
+      image_size=64,
+      conditioning="none",          # "none" | "inpaint" (GLIDE: extra [image·mask, mask] channels)
+      in_channels=None,             # None: derived from `conditioning` (3 or 7); else must agree with it
+      out_channels=6,               # [eps, v] (learned_range variance)
       block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
-      attention_levels=(False, True, True, True), head_dim=64,
-      cross_attention_dim=1536, clip_embedding_dim=768, clip_extra_context_tokens=4,
+      attention_levels=(False, True, True, True), mid_block_attention=True, head_dim=64,
+      cross_attention_dim=1536, class_embed_type="identity",
       time_scale_shift="scale_shift", norm_num_groups=32, dropout=0.1,
+      clip_embedding_dim=768, clip_extra_context_tokens=4,     # text_proj
   ))
   c.diffusion = config_lib.diffusion_config(prediction="eps", variance="learned_range", loss="hybrid")
   c.sampling = config_lib.sampling_config(steps="25", guidance_scale=8.0, clip_range=1.0)
   c.clip_drop_prob = 0.1
   c.text_drop_prob = 0.5
   if variant == "glide":
+    # GLIDE base trunk (§10.3); the text comes from GlideTextEncoder (xf_width 512), no text_proj.
     c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512)
     c.sampling.update(steps="100", guidance_scale=3.0)
   if variant == "tiny":

@@ -1,4 +1,8 @@
-"""Super-resolution UNets 64->256 and 256->1024: conv-only, conditioned on the upsampled low-res image."""
+"""Super-resolution UNets 64->256 and 256->1024: conv-only, conditioned on the upsampled low-res image.
+
+`model` is read by `unclip_jax.models.unet.from_config`; the input is [x_t, bicubic(low_res)] (`unet.model_input`).
+Compute dtype and remat policy are the top-level `dtype` / `remat_policy` (config_lib.base_config).
+"""
 import ml_collections as mlc
 
 from unclip_jax import config_lib
@@ -11,9 +15,15 @@ def get_config(arg: str = ""):
   c = config_lib.base_config("upsampler")
   c.variant = variant
   c.model = mlc.ConfigDict(dict(
-      low_res_size=64, image_size=256, in_channels=6, out_channels=3,
+      low_res_size=64, image_size=256,
+      conditioning="low_res",       # "low_res" | "inpaint_low_res"
+      in_channels=None,             # None: derived from `conditioning` (6 or 10); else must agree with it
+      out_channels=3,               # eps only
       block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
+      attention_levels=(False, False, False, False), mid_block_attention=False, head_dim=8,
+      cross_attention_dim=None, class_embed_type=None,
       time_scale_shift="default", norm_num_groups=32, dropout=0.0,
+      resize_method="bicubic",      # = torch bicubic + antialias (Karlo); "bilinear" for GLIDE
   ))
   c.diffusion = config_lib.diffusion_config(prediction="eps", variance="fixed_small_log", loss="mse")
   c.sampling = config_lib.sampling_config(steps="7", guidance_scale=1.0, clip_range=1.0)
@@ -22,10 +32,10 @@ def get_config(arg: str = ""):
   c.last_step_model = True        # Karlo: a separate model for the final step
   if variant == "paper_256_1024":
     c.model.update(low_res_size=256, image_size=1024, block_out_channels=(192, 192, 384, 384, 768, 768),
-                   layers_per_block=2)
+                   attention_levels=(False,) * 6, layers_per_block=2)
     c.degradation = "bsr"
   if variant == "tiny":
-    c.model.update(low_res_size=16, image_size=32, block_out_channels=(16, 32, 48), layers_per_block=2,
-                   norm_num_groups=8)
+    c.model.update(low_res_size=16, image_size=32, block_out_channels=(16, 32, 48),
+                   attention_levels=(False,) * 3, layers_per_block=2, norm_num_groups=8)
     c.batch_size = 8
   return c

@@ -1,0 +1,491 @@
+"""The ADM/GLIDE UNet of the unCLIP decoder (64²) and both upsamplers, NHWC.
+
+One module reproduces two diffusers classes (ARCHITECTURE.md §1 rule 1, §5.4-5.7):
+
+* `UNet2DConditionModel` with Karlo's blocks (`ResnetDownsampleBlock2D`, `SimpleCrossAttnDownBlock2D`,
+  `UNetMidBlock2DSimpleCrossAttn`, `SimpleCrossAttnUpBlock2D`, `ResnetUpsampleBlock2D`, `class_embed_type=
+  "identity"`, `"scale_shift"` time conditioning): the Karlo decoder and the GLIDE trunk;
+* `UNet2DModel` with resnet-only blocks, a mid block without attention and `"default"` time conditioning: the Karlo
+  super-res UNets.
+
+  emb   = time_embedding(sinusoid(t, C0)) (+ class_labels)                                  # [B, 4·C0]
+  h     = conv_in(x)                                      skips = [h]                       # [B, H, W, C0]
+  down  level b: L × (resnet [→ attention]) [→ resnet(down)]; every output is a skip
+  mid   resnet [→ attention] → resnet
+  up    level b (deepest first): (L+1) × (resnet(cat[h, skip.pop()]) [→ attention]) [→ resnet(up)]
+  out   conv_out(SiLU(conv_norm_out(h)))                                                    # [B, H, W, out]
+
+Attention (`AttnAddedKVProcessor2_0`): keys/values are [add_k_proj(text tokens) ; to_k(GN(x))], encoder tokens
+first; the additive text-mask bias is right-padded with zeros over the spatial keys.
+
+Submodules are named after the diffusers keys (§8.5): `down_blocks.1.attentions.0.add_k_proj` ↔
+`down_blocks_1/attentions_0/add_k_proj`, so `ckpt/convert_unet.py` is a pure function of the key.
+
+Inputs of the conditional variants are built with `model_input` (super-res: [x_t, upsampled low-res];
+GLIDE inpainting: [x_t, image·mask, mask]; both: [x_t, image·mask, mask, upsampled]).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.models import layers
+
+Dtype = Any
+
+MASK_VALUE = -10000.0                    # diffusers' additive mask value (§15.3)
+TIME_SCALE_SHIFTS = ("scale_shift", "default")
+CLASS_EMBED_TYPES = (None, "identity")
+CONDITIONINGS = ("none", "low_res", "inpaint", "inpaint_low_res")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+
+
+# ---- parameter helpers ----------------------------------------------------------------------------------------
+def _dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, name: str) -> nn.Dense:
+  """Biased Dense with logical axes (kernel [in, out])."""
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def _conv(features: int, kernel: int, dtype: Dtype, name: str, zero_init: bool = False) -> nn.Conv:
+  """Biased 'same' conv (kernel [kh, kw, in, out]); padding (k-1)/2 like torch."""
+  p = (kernel - 1) // 2
+  init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  return nn.Conv(features, (kernel, kernel), padding=((p, p), (p, p)), dtype=dtype, param_dtype=jnp.float32,
+                 name=name,
+                 kernel_init=nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def _group_norm(groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+  """torch GroupNorm (eps 1e-5, affine); groups are contiguous channel blocks, so NHWC needs no permute (§15.2)."""
+  return layers.GroupNorm(num_groups=groups, dtype=dtype, param_dtype=jnp.float32, name=name,
+                          scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("act_ch",)),
+                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("act_ch",)))
+
+
+def _constrain(h: jax.Array) -> jax.Array:
+  return nn.with_logical_constraint(h, ("batch", "act_h", "act_w", "act_ch"))
+
+
+def remat_policy(name: str):
+  """Config name -> (wrap?, jax checkpoint policy). "none" disables remat, "full" saves nothing."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; choose one of {REMAT_POLICIES}")
+  if name in ("none", "full"):
+    return name == "full", None
+  return True, getattr(jax.checkpoint_policies, name)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """Nearest x2 on H and W (= torch interpolate(nearest, scale 2)).  [B, H, W, C] -> [B, 2H, 2W, C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def downsample_avg(x: jax.Array) -> jax.Array:
+  """avg_pool 2x2 stride 2 (= torch F.avg_pool2d(2, 2)).  [B, H, W, C] -> [B, H/2, W/2, C]."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+# ---- blocks ---------------------------------------------------------------------------------------------------
+class ResnetBlock2D(nn.Module):
+  """diffusers `ResnetBlock2D`; `sample="up"/"down"` resamples both branches (nearest x2 / avg-pool 2x2).
+
+  x [B, H, W, Cin], temb [B, Temb] -> [B, H', W', out_channels].
+  """
+  out_channels: int
+  time_scale_shift: str = "scale_shift"
+  sample: str | None = None
+  groups: int = 32
+  dropout: float = 0.0
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+    out = self.out_channels
+    h = nn.silu(_group_norm(self.groups, self.dtype, "norm1")(x))
+    if self.sample == "up":
+      x, h = upsample_nearest(x), upsample_nearest(h)
+    elif self.sample == "down":
+      x, h = downsample_avg(x), downsample_avg(h)
+    elif self.sample is not None:
+      raise ValueError(f"ResnetBlock2D.sample must be None, 'up' or 'down', got {self.sample!r}")
+    h = _conv(out, 3, self.dtype, "conv1")(h)
+    scale_shift = self.time_scale_shift == "scale_shift"
+    t = _dense(out * (2 if scale_shift else 1), ("embed", None), self.dtype, "time_emb_proj")(nn.silu(temb))
+    t = t[:, None, None, :]                                                            # [B, 1, 1, out(·2)]
+    norm2 = _group_norm(self.groups, self.dtype, "norm2")
+    if scale_shift:
+      scale, shift = jnp.split(t, 2, axis=-1)                                          # scale first
+      h = norm2(h) * (1 + scale) + shift
+    else:
+      h = norm2(h + t)
+    h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=self.deterministic)
+    h = _conv(out, 3, self.dtype, "conv2")(h)
+    if x.shape[-1] != out:
+      x = _conv(out, 1, self.dtype, "conv_shortcut")(x)
+    return _constrain(x + h)
+
+
+class AddedKVAttention(nn.Module):
+  """diffusers `Attention` with `AttnAddedKVProcessor2_0` (SimpleCrossAttn blocks), residual included.
+
+  x [B, H, W, C], context [B, T, Dc], bias [B, T] additive or None -> [B, H, W, C].
+  """
+  head_dim: int
+  groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array, bias: jax.Array | None) -> jax.Array:
+    b, hh, ww, c = x.shape
+    heads, d = c // self.head_dim, self.head_dim
+    xn = _group_norm(self.groups, self.dtype, "group_norm")(x).reshape(b, hh * ww, c)   # row-major (h, w)
+    context = context.astype(self.dtype)
+    proj = lambda name, y, ax: _dense(c, ax, self.dtype, name)(y).reshape(y.shape[0], y.shape[1], heads, d)
+    q = proj("to_q", xn, ("embed", "heads"))                                            # [B, HW, H, D]
+    k = jnp.concatenate([proj("add_k_proj", context, (None, "heads")), proj("to_k", xn, ("embed", "heads"))], 1)
+    v = jnp.concatenate([proj("add_v_proj", context, (None, "heads")), proj("to_v", xn, ("embed", "heads"))], 1)
+    if bias is not None:                                     # encoder keys first; spatial keys never masked
+      bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))[:, None, None, :]                   # [B, 1, 1, T+HW]
+    out = layers.dot_product_attention(q, k, v, bias)                                   # [B, HW, H, D]
+    out = _dense(c, ("heads", "embed"), self.dtype, "to_out_0")(out.reshape(b, hh * ww, c))
+    return _constrain(out.reshape(b, hh, ww, c) + x)
+
+
+class _BlockSettings(nn.Module):
+  """Hyper-parameters shared by the down, mid and up blocks."""
+  out_channels: int
+  num_layers: int = 1
+  add_attention: bool = False
+  add_sampler: bool = False
+  head_dim: int = 64
+  time_scale_shift: str = "scale_shift"
+  groups: int = 32
+  dropout: float = 0.0
+  deterministic: bool = True
+  remat: str = "none"
+  dtype: Dtype = jnp.float32
+
+  def resnet(self, name: str, sample: str | None = None) -> ResnetBlock2D:
+    wrap, policy = remat_policy(self.remat)
+    cls = nn.remat(ResnetBlock2D, policy=policy) if wrap else ResnetBlock2D
+    return cls(self.out_channels, self.time_scale_shift, sample, self.groups, self.dropout,
+               self.deterministic, self.dtype, name=name)
+
+  def attention(self, name: str) -> AddedKVAttention:
+    wrap, policy = remat_policy(self.remat)
+    cls = nn.remat(AddedKVAttention, policy=policy) if wrap else AddedKVAttention
+    return cls(self.head_dim, self.groups, self.dtype, name=name)
+
+
+class DownBlock(_BlockSettings):
+  """`ResnetDownsampleBlock2D` (no attention) / `SimpleCrossAttnDownBlock2D`; returns (h, skips)."""
+
+  @nn.compact
+  def __call__(self, h, temb, context, bias):
+    skips = []
+    for j in range(self.num_layers):
+      h = self.resnet(f"resnets_{j}")(h, temb)
+      if self.add_attention:
+        h = self.attention(f"attentions_{j}")(h, context, bias)
+      skips.append(h)
+    if self.add_sampler:
+      h = self.resnet("downsamplers_0", "down")(h, temb)
+      skips.append(h)
+    return h, skips
+
+
+class MidBlock(_BlockSettings):
+  """`UNetMidBlock2DSimpleCrossAttn` (resnet, attention, resnet) or `UNetMidBlock2D(add_attention=False)`."""
+
+  @nn.compact
+  def __call__(self, h, temb, context, bias):
+    h = self.resnet("resnets_0")(h, temb)
+    if self.add_attention:
+      h = self.attention("attentions_0")(h, context, bias)
+    return self.resnet("resnets_1")(h, temb)
+
+
+class UpBlock(_BlockSettings):
+  """`SimpleCrossAttnUpBlock2D` / `ResnetUpsampleBlock2D`: num_layers resnets on cat([h, skip]) (h first)."""
+
+  @nn.compact
+  def __call__(self, h, skips, temb, context, bias):
+    for j in range(self.num_layers):
+      h = jnp.concatenate([h, skips[j]], axis=-1)
+      h = self.resnet(f"resnets_{j}")(h, temb)
+      if self.add_attention:
+        h = self.attention(f"attentions_{j}")(h, context, bias)
+    if self.add_sampler:
+      h = self.resnet("upsamplers_0", "up")(h, temb)
+    return h
+
+
+# ---- the UNet -------------------------------------------------------------------------------------------------
+class UNet(nn.Module):
+  """Decoder / upsampler UNet (diffusers `UNet2DConditionModel` with Karlo blocks, or `UNet2DModel`).
+
+  Attributes:
+    in_channels, out_channels: input channels (incl. conditioning, see `model_input`) and output channels
+      (6 = [eps, v] for learned variance, 3 for eps only).
+    block_out_channels: channels per level; len = number of levels N.
+    layers_per_block: resnets per down level L (up levels have L+1).
+    attention_levels: per level, whether its blocks have attention (mirrored on the up path).
+    mid_block_attention: attention in the mid block.
+    head_dim: per-head width of every attention (heads = channels // head_dim).
+    cross_attention_dim: width of `encoder_hidden_states` (required when any attention is on).
+    time_scale_shift: "scale_shift" (decoder, GLIDE) or "default" (super-res).
+    class_embed_type: "identity" (class_labels [B, Temb] added to the time embedding, required) or None.
+    time_embed_dim: width of the time embedding (None: 4·block_out_channels[0]).
+    flip_sin_to_cos, freq_shift: sinusoid options (Karlo/GLIDE: True, 0).
+    center_input_sample: maps x to 2x-1 first (diffusers option, off for Karlo).
+    norm_num_groups, dropout: GroupNorm groups; dropout inside every resnet (needs a 'dropout' rng when
+      `deterministic=False`).
+    dtype: compute dtype (params stay float32; the output is float32).
+    remat: one of `REMAT_POLICIES`, applied to every resnet and attention block.
+  """
+  in_channels: int = 3
+  out_channels: int = 6
+  block_out_channels: Sequence[int] = (320, 640, 960, 1280)
+  layers_per_block: int = 3
+  attention_levels: Sequence[bool] = (False, True, True, True)
+  mid_block_attention: bool = True
+  head_dim: int = 64
+  cross_attention_dim: int | None = 1536
+  time_scale_shift: str = "scale_shift"
+  class_embed_type: str | None = "identity"
+  time_embed_dim: int | None = None
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  center_input_sample: bool = False
+  norm_num_groups: int = 32
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  remat: str = "none"
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.block_out_channels)
+
+  @property
+  def temb_dim(self) -> int:
+    return self.time_embed_dim or 4 * self.block_out_channels[0]
+
+  @property
+  def has_attention(self) -> bool:
+    return any(self.attention_levels) or self.mid_block_attention
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, encoder_hidden_states: jax.Array | None = None,
+               class_labels: jax.Array | None = None, attention_mask: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """Predicts eps (and the variance interpolation v when out_channels = 2·image channels).
+
+    Args:
+      x: [B, H, W, in_channels] noisy image (+ conditioning channels); H, W divisible by 2^(levels-1).
+      t: [B] or scalar timesteps (int or float).
+      encoder_hidden_states: [B, T, cross_attention_dim] text/image tokens; required when attention is on.
+      class_labels: [B, temb_dim] added to the time embedding; required with class_embed_type="identity".
+      attention_mask: [B, T] bool, True = attend; None attends to every token.
+      deterministic: False enables dropout (rng collection 'dropout').
+    Returns:
+      [B, H, W, out_channels] float32.
+    """
+    self._check(x, t, encoder_hidden_states, class_labels, attention_mask)
+    b = x.shape[0]
+    chans, n = tuple(self.block_out_channels), self.num_levels
+    t = jnp.broadcast_to(jnp.asarray(t), (b,))
+    temb = layers.timestep_embedding(t, chans[0], flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
+    temb = layers.TimestepEmbedding(self.temb_dim, dtype=self.dtype, name="time_embedding")(temb.astype(self.dtype))
+    if self.class_embed_type == "identity":
+      temb = temb + class_labels.astype(self.dtype)
+    context, bias = None, None
+    if self.has_attention:
+      context = encoder_hidden_states.astype(self.dtype)
+      if attention_mask is not None:
+        bias = layers.attention_bias_from_mask(attention_mask, masked_value=MASK_VALUE)   # [B, T]
+
+    common = dict(head_dim=self.head_dim, time_scale_shift=self.time_scale_shift, groups=self.norm_num_groups,
+                  dropout=self.dropout, deterministic=deterministic, remat=self.remat, dtype=self.dtype)
+    x = x.astype(self.dtype)
+    if self.center_input_sample:
+      x = 2 * x - 1.0
+    h = _constrain(_conv(chans[0], 3, self.dtype, "conv_in")(x))
+    skips = [h]
+    for i in range(n):
+      h, s = DownBlock(chans[i], self.layers_per_block, self.attention_levels[i], i < n - 1,
+                       name=f"down_blocks_{i}", **common)(h, temb, context, bias)
+      skips += s
+    h = MidBlock(chans[-1], 1, self.mid_block_attention, False, name="mid_block", **common)(h, temb, context, bias)
+    for i in range(n):
+      level = n - 1 - i
+      take = self.layers_per_block + 1
+      level_skips, skips = skips[-take:][::-1], skips[:-take]
+      h = UpBlock(chans[level], take, self.attention_levels[level], i < n - 1,
+                  name=f"up_blocks_{i}", **common)(h, level_skips, temb, context, bias)
+    h = nn.silu(_group_norm(self.norm_num_groups, self.dtype, "conv_norm_out")(h))
+    return _conv(self.out_channels, 3, self.dtype, "conv_out", zero_init=True)(h).astype(jnp.float32)
+
+  def _check(self, x, t, ehs, class_labels, mask):
+    n, chans = self.num_levels, tuple(self.block_out_channels)
+    if len(self.attention_levels) != n:
+      raise ValueError(f"attention_levels {tuple(self.attention_levels)} must have one entry per level "
+                       f"({n} block_out_channels)")
+    if self.time_scale_shift not in TIME_SCALE_SHIFTS:
+      raise ValueError(f"unknown time_scale_shift {self.time_scale_shift!r}; choose one of {TIME_SCALE_SHIFTS}")
+    if self.class_embed_type not in CLASS_EMBED_TYPES:
+      raise ValueError(f"unknown class_embed_type {self.class_embed_type!r}; choose one of {CLASS_EMBED_TYPES}")
+    for c in chans:
+      if c % self.norm_num_groups:
+        raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every channel count, not {c}")
+    att_chans = [c for c, a in zip(chans, self.attention_levels) if a] + ([chans[-1]] if self.mid_block_attention
+                                                                          else [])
+    for c in att_chans:
+      if c % self.head_dim:
+        raise ValueError(f"head_dim={self.head_dim} must divide the channels of every attention level, not {c}")
+    if x.ndim != 4:
+      raise ValueError(f"x must be [B, H, W, {self.in_channels}] (NHWC), got shape {x.shape}")
+    b, hh, ww, c = x.shape
+    if c != self.in_channels:
+      raise ValueError(f"x has {c} channels but the UNet expects in_channels={self.in_channels} "
+                       f"(NHWC input [B, H, W, C]; conditioning channels included, see model_input)")
+    f = 2 ** (n - 1)
+    if hh % f or ww % f:
+      raise ValueError(f"image size {hh}x{ww} must be divisible by 2^(levels-1) = {f} for {n} levels")
+    if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] not in (1, b)):
+      raise ValueError(f"t must be a scalar or [{b}], got shape {jnp.shape(t)}")
+    if self.class_embed_type == "identity":
+      if class_labels is None:
+        raise ValueError("class_labels [B, time_embed_dim] is required with class_embed_type='identity' "
+                         "(unCLIP: the text_proj additive embedding; GLIDE: xf_proj)")
+      if class_labels.shape != (b, self.temb_dim):
+        raise ValueError(f"class_labels must be [{b}, {self.temb_dim}], got shape {class_labels.shape}")
+    elif class_labels is not None:
+      raise ValueError("class_labels given but class_embed_type is None")
+    if self.has_attention:
+      if ehs is None:
+        raise ValueError(f"encoder_hidden_states [B, T, {self.cross_attention_dim}] is required: this UNet has "
+                         "attention")
+      if ehs.ndim != 3 or ehs.shape[0] != b or ehs.shape[-1] != self.cross_attention_dim:
+        raise ValueError(f"encoder_hidden_states must be [{b}, T, {self.cross_attention_dim}], got {ehs.shape}")
+      if mask is not None and mask.shape != ehs.shape[:2]:
+        raise ValueError(f"attention_mask must be [{b}, {ehs.shape[1]}] (one entry per encoder token), "
+                         f"got shape {mask.shape}")
+    elif mask is not None:
+      raise ValueError("attention_mask given but this UNet has no attention")
+
+
+# ---- conditioning inputs --------------------------------------------------------------------------------------
+def upsample_low_res(low_res: jax.Array, size: int | tuple[int, int], method: str = "bicubic") -> jax.Array:
+  """Resizes the low-resolution condition to the target size.  [B, h, w, C] -> [B, H, W, C] float32.
+
+  "bicubic" equals torch `interpolate(bicubic, align_corners=False, antialias=True)` (Karlo/diffusers, §15.11);
+  "bilinear" equals torch bilinear without antialias (GLIDE) when upsampling.
+  """
+  hh, ww = (size, size) if isinstance(size, int) else size
+  b, _, _, c = low_res.shape
+  return jax.image.resize(low_res.astype(jnp.float32), (b, hh, ww, c), method=method)
+
+
+def input_channels(image_channels: int, conditioning: str) -> int:
+  """UNet in_channels for a conditioning option (image_channels=3: none 3, low_res 6, inpaint 7, both 10)."""
+  if conditioning not in CONDITIONINGS:
+    raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONINGS}")
+  extra = {"none": 0, "low_res": image_channels, "inpaint": image_channels + 1,
+           "inpaint_low_res": 2 * image_channels + 1}[conditioning]
+  return image_channels + extra
+
+
+def model_input(x_t: jax.Array, *, conditioning: str = "none", low_res: jax.Array | None = None,
+                inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None,
+                resize_method: str = "bicubic") -> jax.Array:
+  """Builds the UNet input for a conditioning option; x_t [B, H, W, C] -> [B, H, W, input_channels(C, ...)].
+
+  "low_res": cat([x_t, resize(low_res)]) (low-res AFTER the noisy input, §15.12).
+  "inpaint": cat([x_t, image·mask, mask]) (GLIDE); zeros when image/mask are None.
+  "inpaint_low_res": cat([x_t, image·mask, mask, resize(low_res)]).
+  inpaint_image is [B, H, W, C]; inpaint_mask [B, H, W, 1] or [B, H, W], 1 = known pixel.
+  """
+  input_channels(x_t.shape[-1], conditioning)      # validates the name
+  b, hh, ww, c = x_t.shape
+  parts = [x_t.astype(jnp.float32)]
+  if conditioning.startswith("inpaint"):
+    if (inpaint_image is None) != (inpaint_mask is None):
+      raise ValueError("pass both inpaint_image and inpaint_mask, or neither")
+    if inpaint_image is None:
+      parts += [jnp.zeros((b, hh, ww, c), jnp.float32), jnp.zeros((b, hh, ww, 1), jnp.float32)]
+    else:
+      mask = inpaint_mask.astype(jnp.float32)
+      mask = mask[..., None] if mask.ndim == 3 else mask
+      if inpaint_image.shape != x_t.shape or mask.shape != (b, hh, ww, 1):
+        raise ValueError(f"inpaint_image must be {x_t.shape} and inpaint_mask [{b}, {hh}, {ww}(, 1)]; got "
+                         f"{inpaint_image.shape} and {inpaint_mask.shape}")
+      parts += [inpaint_image.astype(jnp.float32) * mask, mask]
+  if conditioning.endswith("low_res"):
+    if low_res is None or low_res.ndim != 4 or low_res.shape[0] != b or low_res.shape[-1] != c:
+      raise ValueError(f"conditioning {conditioning!r} needs low_res [{b}, h, w, {c}], got "
+                       f"{None if low_res is None else low_res.shape}")
+    parts.append(upsample_low_res(low_res, (hh, ww), resize_method))
+  return jnp.concatenate(parts, axis=-1)
+
+
+# ---- construction ---------------------------------------------------------------------------------------------
+def from_config(model_cfg, *, dtype: Dtype | None = None, remat: str | None = None) -> UNet:
+  """Builds the UNet from a `configs/decoder.py` / `configs/upsampler.py` `model` block.
+
+  dtype / remat default to the block's `dtype` / `remat_policy` fields when present, else float32 / "none".
+  """
+  get = lambda k, d=None: model_cfg.get(k, d) if hasattr(model_cfg, "get") else getattr(model_cfg, k, d)
+  chans = tuple(get("block_out_channels"))
+  conditioning = get("conditioning", "none")
+  in_ch = get("in_channels", None) or input_channels(get("image_channels", 3), conditioning)
+  if in_ch != input_channels(get("image_channels", 3), conditioning):
+    raise ValueError(f"in_channels={in_ch} does not match conditioning={conditioning!r} "
+                     f"({input_channels(get('image_channels', 3), conditioning)} channels)")
+  return UNet(
+      in_channels=in_ch, out_channels=get("out_channels"), block_out_channels=chans,
+      layers_per_block=get("layers_per_block"),
+      attention_levels=tuple(bool(a) for a in get("attention_levels", (False,) * len(chans))),
+      mid_block_attention=bool(get("mid_block_attention", any(get("attention_levels", ())))),
+      head_dim=get("head_dim", 64), cross_attention_dim=get("cross_attention_dim", None),
+      time_scale_shift=get("time_scale_shift", "scale_shift"), class_embed_type=get("class_embed_type", None),
+      time_embed_dim=get("time_embed_dim", None), flip_sin_to_cos=get("flip_sin_to_cos", True),
+      freq_shift=get("freq_shift", 0.0), center_input_sample=get("center_input_sample", False),
+      norm_num_groups=get("norm_num_groups", 32), dropout=float(get("dropout", 0.0)),
+      dtype=jnp.dtype(dtype if dtype is not None else get("dtype", "float32")),
+      remat=remat if remat is not None else get("remat_policy", "none"))
+
+
+def dummy_inputs(model: UNet, batch: int = 1, size: int | None = None, tokens: int = 1):
+  """(args, kwargs) of the smallest valid call, for init/eval_shape."""
+  size = size or 2 ** (model.num_levels - 1)
+  kw = {}
+  if model.has_attention:
+    kw["encoder_hidden_states"] = jnp.zeros((batch, tokens, model.cross_attention_dim))
+  if model.class_embed_type == "identity":
+    kw["class_labels"] = jnp.zeros((batch, model.temb_dim))
+  return (jnp.zeros((batch, size, size, model.in_channels)), jnp.zeros((batch,), jnp.int32)), kw
+
+
+def init_params(model: UNet, rng: jax.Array, batch: int = 1):
+  """Unboxed float32 params from dummy inputs."""
+  args, kw = dummy_inputs(model, batch)
+  return nn.unbox(model.init(rng, *args, **kw))["params"]
+
+
+def abstract_params(model: UNet):
+  """Shapes/dtypes of the unboxed params (`jax.eval_shape(init)`), no allocation."""
+  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+
+
+def param_count(model: UNet) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(abstract_params(model)))
