@@ -1,4 +1,9 @@
-"""CLIP: causal text transformer + ViT image encoder, contrastive training."""
+"""CLIP: causal text transformer + ViT image encoder, contrastive training.
+
+Variants: "tiny" (tests; ARCHITECTURE.md §13 sizes), "vit_b32" and "vit_l14" (the published OpenAI sizes; unCLIP
+uses ViT-L/14). `model` is read by `unclip_jax.models.clip.from_config`; HF folders map onto the same fields through
+`unclip_jax.ckpt.convert_clip.config_from_hf`.
+"""
 import ml_collections as mlc
 
 from unclip_jax import config_lib
@@ -12,10 +17,14 @@ def get_config(arg: str = ""):
   c.variant = variant
   c.model = mlc.ConfigDict(dict(
       projection_dim=768,
+      # eos_token_id=2 is the published OpenAI/HF value: pooling at argmax(ids) (EOT 49407 is the largest id).
       text=dict(vocab_size=49408, width=768, layers=12, heads=12, mlp_dim=3072, context_length=77,
-                act="quick_gelu", eos_token_id=2),
-      vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, act="quick_gelu"),
+                act="quick_gelu", eos_token_id=2, layer_norm_eps=1e-5),
+      vision=dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, act="quick_gelu",
+                  num_channels=3, layer_norm_eps=1e-5),
+      logit_scale=True,                 # learnable temperature (CLIPModel); needs both towers and projections
       logit_scale_init=2.6592, logit_scale_max=100.0,
+      remat=False,
   ))
   if variant == "vit_b32":
     c.model.projection_dim = 512
