@@ -14,30 +14,28 @@ Layouts (ARCHITECTURE.md §8.2-8.3, §8.5, §9.1, §9.3-9.4, §10.3):
 Every import checks names and shapes against `jax.eval_shape(init)` of the model built from the config: a missing,
 unexpected or mis-shaped key raises a ValueError naming it. Missing files raise FileNotFoundError naming the path;
 unreadable ones a ValueError naming it. diffusers folders are read with safetensors (no torch needed); `.ckpt`/`.pt`
-files only with `torch.load(weights_only=True)`.
+files only with `torch.load(weights_only=True)`. The key rule, transposes, file I/O and head splitting are shared
+with the prior converter (`torch_layout.py`); this file holds the UNet's names and the guided-diffusion mapping.
 """
 from __future__ import annotations
 
-import json
-import os
-import re
 from typing import Any, Mapping
 
-import jax
 import ml_collections as mlc
 import numpy as np
 
+from unclip_jax.ckpt import torch_layout as tl
+from unclip_jax.ckpt.torch_layout import (CONFIG_NAME, DIFFUSERS_VERSION, SAFETENSORS_NAME, Params,  # noqa: F401
+                                          join_heads, load_torch_state, read_safetensors, split_heads)
 from unclip_jax.models import text_proj as text_proj_lib
 from unclip_jax.models import unet as unet_lib
 
-SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
-CONFIG_NAME = "config.json"
-DIFFUSERS_VERSION = "0.42.1"
-
-_NORMS = ("norm1", "norm2", "group_norm", "conv_norm_out", "text_encoder_hidden_states_norm")
-_CONVS = ("conv_in", "conv_out", "conv1", "conv2", "conv_shortcut")
-_INDEXED = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out")
-_RAW = ("learned_classifier_free_guidance_embeddings",)
+# One key rule for the UNet and the text projection (§8.5).
+_LAYOUT = tl.Layout(
+    raw=("learned_classifier_free_guidance_embeddings",),
+    norms=("norm1", "norm2", "group_norm", "conv_norm_out", "text_encoder_hidden_states_norm"),
+    convs=("conv_in", "conv_out", "conv1", "conv2", "conv_shortcut"),
+    indexed=("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out"))
 
 _DOWN_TYPES = {"ResnetDownsampleBlock2D": False, "SimpleCrossAttnDownBlock2D": True}
 _UP_TYPES = {"ResnetUpsampleBlock2D": False, "SimpleCrossAttnUpBlock2D": True}
@@ -51,8 +49,6 @@ _COND_FIXED = dict(act_fn="silu", norm_eps=1e-5, time_embedding_type="positional
                    projection_class_embeddings_input_dim=None, mid_block_only_cross_attention=None)
 _PLAIN_FIXED = dict(act_fn="silu", norm_eps=1e-5, time_embedding_type="positional", mid_block_scale_factor=1,
                     add_attention=False, class_embed_type=None, num_class_embeds=None, mid_block_type="UNetMidBlock2D")
-
-Params = dict[str, Any]
 
 
 # ---- configs --------------------------------------------------------------------------------------------------
@@ -182,195 +178,54 @@ def diffusers_config_from_text_proj(cfg) -> dict[str, Any]:
           "cross_attention_dim": m.cross_attention_dim, "clip_extra_context_tokens": m.clip_extra_context_tokens}
 
 
-# ---- diffusers keys <-> param paths ---------------------------------------------------------------------------
-def _flat_shapes(abstract) -> dict[tuple[str, ...], tuple[int, ...]]:
-  return {tuple(k.key for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-
-
-def _key_to_path(key: str) -> tuple[tuple[str, ...], str]:
-  """'down_blocks.1.attentions.0.to_out.0.weight' -> (('down_blocks_1', ..., 'to_out_0', 'kernel'), kind).
-
-  kind: 'linear' (transpose), 'conv' ((O,I,kh,kw) -> (kh,kw,I,O)), 'copy' (norms, biases, raw params).
-  """
-  if key in _RAW:
-    return (key,), "copy"
-  *module, leaf = re.sub(r"\.(\d+)(?=\.|$)", r"_\1", key).split(".")
-  if not module or leaf not in ("weight", "bias"):
-    raise ValueError(f"unexpected key {key!r}")
-  if leaf == "bias":
-    return tuple(module) + ("bias",), "copy"
-  if module[-1] in _NORMS:
-    return tuple(module) + ("scale",), "copy"
-  return tuple(module) + ("kernel",), "conv" if module[-1] in _CONVS else "linear"
-
-
-def _path_to_key(path: tuple[str, ...]) -> str:
-  if len(path) == 1:
-    return path[0]
-  *module, leaf = path
-  name = ".".join(re.sub(r"_(\d+)$", r".\1", m) if m.rsplit("_", 1)[0] in _INDEXED else m for m in module)
-  return f"{name}.{'bias' if leaf == 'bias' else 'weight'}"
-
-
-def _to_flax(arr: np.ndarray, kind: str, key: str) -> np.ndarray:
-  if kind == "linear":
-    if arr.ndim != 2:
-      raise ValueError(f"{key!r}: expected a 2-D Linear weight, got shape {arr.shape}")
-    return arr.T
-  if kind == "conv":
-    if arr.ndim != 4:
-      raise ValueError(f"{key!r}: expected a 4-D Conv2d weight, got shape {arr.shape}")
-    return arr.transpose(2, 3, 1, 0)
-  return arr
-
-
-def _to_torch(arr: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
-  if path[-1] != "kernel":
-    return arr
-  return arr.transpose(3, 2, 0, 1) if arr.ndim == 4 else arr.T
-
-
-def _state_to_params(state: Mapping[str, Any], expected, what: str) -> Params:
-  flat = {}
-  for key, value in state.items():
-    path, kind = _key_to_path(key)
-    if path not in expected:
-      raise ValueError(f"unexpected key {key!r} in the {what} state dict (no parameter {'/'.join(path)})")
-    arr = _to_flax(_to_numpy(value, key), kind, key)
-    if arr.shape != expected[path]:
-      raise ValueError(f"{key!r}: shape {tuple(_to_torch(arr, path).shape)} does not match the model (expected "
-                       f"{tuple(_to_torch(np.empty(expected[path]), path).shape)})")
-    flat[path] = arr.astype(np.float32)
-  missing = [_path_to_key(p) for p in expected if p not in flat]
-  if missing:
-    raise ValueError(f"the {what} state dict is missing keys: {missing}")
-  return _nest(flat)
-
-
-def _params_to_state(params: Params, expected) -> dict[str, np.ndarray]:
-  flat = {tuple(k.key for k in path): np.asarray(leaf, np.float32)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  if expected is not None:
-    for path, arr in flat.items():
-      if path not in expected:
-        raise ValueError(f"unexpected parameter {'/'.join(path)}")
-      if arr.shape != expected[path]:
-        raise ValueError(f"parameter {'/'.join(path)} has shape {arr.shape}, expected {expected[path]}")
-    missing = ["/".join(p) for p in expected if p not in flat]
-    if missing:
-      raise ValueError(f"params are missing {missing}")
-  return {_path_to_key(path): np.ascontiguousarray(_to_torch(arr, path)) for path, arr in flat.items()}
-
-
-def _nest(flat) -> Params:
-  out: Params = {}
-  for path, value in flat.items():
-    node = out
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return out
-
-
-def _to_numpy(value, key: str) -> np.ndarray:
-  if hasattr(value, "detach"):                       # torch.Tensor, without importing torch here
-    value = value.detach().cpu().float().numpy()
-  arr = np.asarray(value)
-  if not np.issubdtype(arr.dtype, np.floating):
-    raise ValueError(f"{key!r}: expected a floating-point tensor, got dtype {arr.dtype}")
-  return arr
-
-
+# ---- diffusers state dicts ------------------------------------------------------------------------------------
 def unet_expected_shapes(model_cfg):
-  return _flat_shapes(unet_lib.abstract_params(unet_lib.from_config(model_cfg, dtype="float32", remat="none")))
+  return tl.flat_shapes(unet_lib.abstract_params(unet_lib.from_config(model_cfg, dtype="float32", remat="none")))
 
 
 def text_proj_expected_shapes(cfg):
-  return _flat_shapes(text_proj_lib.abstract_params(text_proj_lib.from_config(cfg, dtype="float32")))
+  return tl.flat_shapes(text_proj_lib.abstract_params(text_proj_lib.from_config(cfg, dtype="float32")))
 
 
 def diffusers_to_unet_params(state: Mapping[str, Any], model_cfg) -> Params:
   """diffusers UNet state dict (numpy or torch tensors) -> our float32 params, checked against eval_shape(init)."""
-  return _state_to_params(state, unet_expected_shapes(model_cfg), "diffusers UNet")
+  return tl.state_to_params(state, unet_expected_shapes(model_cfg), _LAYOUT, "diffusers UNet")
 
 
 def unet_params_to_diffusers(params: Params, model_cfg=None) -> dict[str, np.ndarray]:
   """Our UNet params -> diffusers state dict (float32 numpy). Checks the tree when model_cfg is given."""
-  return _params_to_state(params, None if model_cfg is None else unet_expected_shapes(model_cfg))
+  return tl.params_to_state(params, None if model_cfg is None else unet_expected_shapes(model_cfg), _LAYOUT)
 
 
 def diffusers_to_text_proj_params(state: Mapping[str, Any], cfg) -> Params:
-  return _state_to_params(state, text_proj_expected_shapes(cfg), "diffusers UnCLIPTextProjModel")
+  return tl.state_to_params(state, text_proj_expected_shapes(cfg), _LAYOUT, "diffusers UnCLIPTextProjModel")
 
 
 def text_proj_params_to_diffusers(params: Params, cfg=None) -> dict[str, np.ndarray]:
-  return _params_to_state(params, None if cfg is None else text_proj_expected_shapes(cfg))
+  return tl.params_to_state(params, None if cfg is None else text_proj_expected_shapes(cfg), _LAYOUT)
 
 
 # ---- diffusers folders ----------------------------------------------------------------------------------------
-def _read_folder(folder) -> tuple[dict, dict[str, np.ndarray]]:
-  folder = os.fspath(folder)
-  cfg_path, st_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, SAFETENSORS_NAME)
-  for path in (cfg_path, st_path):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"diffusers model file not found: {path}")
-  try:
-    with open(cfg_path) as f:
-      config = json.load(f)
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"cannot read diffusers config {cfg_path}: {e}") from e
-  if not isinstance(config, dict):
-    raise ValueError(f"diffusers config {cfg_path} is not a JSON object")
-  return config, read_safetensors(st_path)
-
-
-def _write_folder(folder, config: dict, state: dict[str, np.ndarray]) -> None:
-  from safetensors.numpy import save_file
-
-  folder = os.fspath(folder)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  save_file(state, os.path.join(folder, SAFETENSORS_NAME), metadata={"format": "pt"})
-
-
 def load_diffusers_unet(folder) -> tuple[mlc.ConfigDict, Params]:
   """Reads a diffusers `UNet2DConditionModel` / `UNet2DModel` folder -> (our UNet model block, params)."""
-  config, state = _read_folder(folder)
-  model_cfg = unet_config_from_diffusers(config)
+  model_cfg, state = tl.read_diffusers_folder(folder, "model", unet_config_from_diffusers)
   return model_cfg, diffusers_to_unet_params(state, model_cfg)
 
 
 def save_diffusers_unet(folder, params: Params, model_cfg) -> None:
   """Writes a folder that `UNet2DConditionModel.from_pretrained` / `UNet2DModel.from_pretrained` loads."""
-  _write_folder(folder, diffusers_config_from_unet(model_cfg), unet_params_to_diffusers(params, model_cfg))
+  tl.write_diffusers_folder(folder, diffusers_config_from_unet(model_cfg), unet_params_to_diffusers(params, model_cfg))
 
 
 def load_diffusers_text_proj(folder) -> tuple[mlc.ConfigDict, Params]:
   """Reads a diffusers `UnCLIPTextProjModel` folder -> (text-proj block, params)."""
-  config, state = _read_folder(folder)
-  cfg = text_proj_config_from_diffusers(config)
+  cfg, state = tl.read_diffusers_folder(folder, "model", text_proj_config_from_diffusers)
   return cfg, diffusers_to_text_proj_params(state, cfg)
 
 
 def save_diffusers_text_proj(folder, params: Params, cfg) -> None:
   """Writes a folder that `UnCLIPTextProjModel.from_pretrained` loads."""
-  _write_folder(folder, diffusers_config_from_text_proj(cfg), text_proj_params_to_diffusers(params, cfg))
-
-
-def read_safetensors(path) -> dict[str, np.ndarray]:
-  """All tensors of a safetensors file as numpy."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"safetensors file not found: {path}")
-  from safetensors import SafetensorError, safe_open
-
-  try:
-    with safe_open(path, framework="numpy") as f:
-      return {key: f.get_tensor(key) for key in f.keys()}
-  except (SafetensorError, OSError, ValueError, TypeError) as e:
-    raise ValueError(f"cannot read safetensors file {path}: {e}") from e
+  tl.write_diffusers_folder(folder, diffusers_config_from_text_proj(cfg), text_proj_params_to_diffusers(params, cfg))
 
 
 # ---- original guided-diffusion layout (Karlo decoder / super-res, GLIDE) ---------------------------------------
@@ -384,26 +239,6 @@ _KARLO_TEXT_PROJ = (("text_seq_proj.0", "encoder_hidden_states_proj"),
                     ("clip_emb", "clip_image_embeddings_project_to_time_embeddings"))
 _KARLO_IGNORED = ("cf_token", "cf_mask", "clip_mean", "clip_std")   # non-persistent buffers if present
 KARLO_PREFIX = "model."
-
-
-def split_heads(weight: np.ndarray, bias: np.ndarray, num_heads: int, head_dim: int, k: int):
-  """Per-head interleaved fused projection -> k separate ones (§9.1).
-
-  weight [k·H·d, Cin] (rows [p0_h0, p1_h0, .., p0_h1, ..]), bias [k·H·d] -> ([w_i [H·d, Cin]], [b_i [H·d]]).
-  """
-  rows = k * num_heads * head_dim
-  if weight.ndim != 2 or weight.shape[0] != rows or bias.shape != (rows,):
-    raise ValueError(f"fused projection must be [{rows}, Cin] with bias [{rows}] for {num_heads} heads x "
-                     f"{head_dim} x {k}; got {weight.shape} and {bias.shape}")
-  w4, b3 = weight.reshape(num_heads, k, head_dim, -1), bias.reshape(num_heads, k, head_dim)
-  return [w4[:, i].reshape(num_heads * head_dim, -1) for i in range(k)], [b3[:, i].reshape(-1) for i in range(k)]
-
-
-def join_heads(weights, biases, num_heads: int, head_dim: int):
-  """Inverse of `split_heads`."""
-  w = np.stack([x.reshape(num_heads, head_dim, -1) for x in weights], axis=1)
-  b = np.stack([x.reshape(num_heads, head_dim) for x in biases], axis=1)
-  return w.reshape(-1, w.shape[-1]), b.reshape(-1)
 
 
 def guided_module_map(model_cfg) -> list[tuple[str, str, str]]:
@@ -449,15 +284,8 @@ def guided_to_diffusers_state(state: Mapping[str, Any], model_cfg) -> tuple[dict
   Raises a ValueError naming a missing key. The caller decides whether leftovers are an error.
   """
   m = unet_lib.from_config(model_cfg)
-  src = {k: _to_numpy(v, k) for k, v in state.items()}
-  used, out = set(), {}
-
-  def take(name):
-    if name not in src:
-      raise ValueError(f"original UNet state dict is missing key {name!r}")
-    used.add(name)
-    return src[name]
-
+  src = {k: tl.to_numpy(v, k) for k, v in state.items()}
+  take, out = tl.Taker(src, "original UNet"), {}
   for orig, diff, kind in guided_module_map(model_cfg):
     if kind == "plain":
       for o, d in _leaf_pairs(orig, diff):
@@ -483,7 +311,7 @@ def guided_to_diffusers_state(state: Mapping[str, Any], model_cfg) -> tuple[dict
         out[f"{diff}.{name}.weight"], out[f"{diff}.{name}.bias"] = w, b
       out[f"{diff}.to_out.0.weight"] = _squeeze1d(take(f"{orig}.proj_out.weight"), f"{orig}.proj_out.weight")
       out[f"{diff}.to_out.0.bias"] = take(f"{orig}.proj_out.bias")
-  return out, {k: v for k, v in src.items() if k not in used}
+  return out, take.unused()
 
 
 def diffusers_to_guided_state(state: Mapping[str, np.ndarray], model_cfg) -> dict[str, np.ndarray]:
@@ -599,28 +427,6 @@ def glide_to_params(state: Mapping[str, Any], unet_cfg) -> tuple[Params, dict[st
 def params_to_glide(unet_params: Params, unet_cfg) -> dict[str, np.ndarray]:
   """UNet trunk params -> GLIDE key layout (merge the text-encoder keys separately)."""
   return diffusers_to_guided_state(unet_params_to_diffusers(unet_params, unet_cfg), unet_cfg)
-
-
-def load_torch_state(path) -> dict:
-  """A `.ckpt`/`.pt`/`.safetensors` state dict; Lightning's 'state_dict' is unwrapped.
-
-  `.ckpt`/`.pt` are read with `torch.load(weights_only=True)` only (no arbitrary unpickling).
-  """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"checkpoint file not found: {path}")
-  if path.endswith(".safetensors"):
-    return read_safetensors(path)
-  import torch
-
-  try:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt or unsafe files
-    raise ValueError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {e}") from e
-  state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-  if not isinstance(state, dict):
-    raise ValueError(f"{path}: expected a state dict (or a Lightning checkpoint with 'state_dict')")
-  return state
 
 
 # ---- published Karlo sizes and file loaders -------------------------------------------------------------------
