@@ -26,6 +26,7 @@ def get_config(arg: str = ""):
   # What dropped examples (training) and the uncond branch (sampling) see: "zeros" (zero embedding/tokens, all
   # tokens masked) or "empty_prompt" (CLIP encoding of "", as Karlo and diffusers' UnCLIPPipeline). Never learned.
   c.null_text = "zeros"
+  c.stats_examples = 10_000       # examples used to set clip_mean/clip_std before training
   c.num_candidates = 2            # draw n, keep the one with the highest dot product with the text embedding
   # clip_mean/clip_std are data statistics: frozen (and never weight-decayed, see train/optim.py).
   c.optim.update(lr=1.1e-4, weight_decay=6e-2, frozen=("clip_mean", "clip_std"))

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
 from unclip_jax.ckpt import manager as ckpt
+from unclip_jax.data import global_batch
 from unclip_jax.parallel import mesh as mesh_lib, partitioning
 from unclip_jax.train import optim, state as state_lib, step as step_lib
 
@@ -64,7 +65,7 @@ def _train(mesh_sizes, steps=3, cfg=None):
     # optimiser moments follow their parameters
     st_sh = st_sh.replace(opt_state=_opt_shardings(abstract_state.opt_state, abstract_state.params, p_sh, mesh))
     state = jax.jit(init_state, out_shardings=st_sh)()
-    b_sh = partitioning.batch_sharding(mesh, 2)
+    b_sh = global_batch.batch_sharding(mesh, 2)
     train_step = jax.jit(step_lib.make_train_step(_loss_fn(model), tx, ema_decay=cfg.optim.ema_decay,
                                                   grad_accum=cfg.optim.grad_accum),
                          in_shardings=(st_sh, b_sh, NamedSharding(mesh, P())), out_shardings=(st_sh, None),

@@ -80,6 +80,9 @@ def base_config(stage: str) -> mlc.ConfigDict:
   c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=10_000, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
                                 grad_clip=1.0, ema_decay=0.9999, grad_accum=1, final_lr_fraction=0.0,
                                 frozen=()))   # regexes of parameter paths that are never updated
+  # Datasets written by `python -m unclip_jax.data.build` (several dirs are zipped by index, e.g. images +
+  # their precomputed CLIP embeddings).
+  c.data = mlc.ConfigDict(dict(dirs=(), split="train", workers=0, max_scale=1.0))
   c.log_every = 50
   c.ckpt_every = 1000
   c.keep_checkpoints = 3

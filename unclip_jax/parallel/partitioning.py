@@ -67,8 +67,3 @@ def assert_sufficiently_sharded(params, tolerance: float = 0.02, min_bytes: int 
   if frac > tolerance:
     raise AssertionError(f"{frac:.1%} of parameter bytes are fully replicated (tolerance {tolerance:.1%}); "
                          "annotate the large kernels with logical axes or lower the FSDP threshold")
-
-
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_axes=("data", "fsdp")) -> NamedSharding:
-  """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
-  return NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))

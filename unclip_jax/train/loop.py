@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax.ckpt.manager import CheckpointManager, abstract_with_shardings
+from unclip_jax.data.global_batch import to_global
 from unclip_jax.parallel import mesh as mesh_lib, partitioning
 from unclip_jax.train import optim
 from unclip_jax.train.state import TrainState
@@ -65,12 +66,6 @@ def state_shardings(abstract_state: TrainState, param_sh, mesh) -> TrainState:
   opt_sh = jax.tree.map(lambda sub: param_sh if is_param_tree(sub) else jax.tree.map(lambda _: replicated, sub),
                         abstract_state.opt_state, is_leaf=is_param_tree)
   return TrainState(step=replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh)
-
-
-def to_global(batch: dict, mesh) -> dict:
-  """Per-host numpy batch -> global jax.Arrays sharded over the data-parallel axes."""
-  return {k: jax.make_array_from_process_local_data(partitioning.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in batch.items()}
 
 
 class _Preemption:

@@ -1,0 +1,52 @@
+"""`python -m unclip_jax.train --config configs/<stage>.py:<variant> --workdir DIR [--config.key=value ...]`
+
+Trains any stage on one CPU, one GPU or a TPU pod slice, unchanged. Resumes from DIR's latest checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:variant]", lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and samples go here")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "call jax.distributed.initialize(): 'auto' does when a multi-host launcher is detected")
+flags.DEFINE_string("compilation_cache", os.environ.get("UNCLIP_JAX_CACHE", ""),
+                    "persistent XLA compilation cache directory ('' disables)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _multihost_detected() -> bool:
+  if any("," in os.environ.get(name, "") or name == "JAX_COORDINATOR_ADDRESS" and os.environ.get(name)
+         for name in _MULTIHOST_ENV):
+    return True
+  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def main(argv):
+  del argv
+  import jax  # after flag parsing: jax.distributed must come before any other JAX call
+
+  if flags.FLAGS.distributed == "on" or (flags.FLAGS.distributed == "auto" and _multihost_detected()):
+    jax.distributed.initialize()
+  if flags.FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", flags.FLAGS.compilation_cache)
+  logging.getLogger().setLevel(logging.INFO)
+
+  from unclip_jax.parallel import mesh as mesh_lib
+  from unclip_jax.train import loop, stages
+
+  cfg = flags.FLAGS.config
+  mesh = mesh_lib.make_mesh(dict(cfg.mesh))
+  task = stages.make_task(cfg, mesh=mesh)
+  state = loop.train(cfg, flags.FLAGS.workdir, task, mesh=mesh)
+  logging.info("finished %s at step %d", cfg.stage, int(state.step))
+
+
+if __name__ == "__main__":
+  app.run(main)
