@@ -3,7 +3,7 @@ import pytest
 
 from unclip_jax import config_lib
 
-STAGE_VARIANTS = {"clip": "tiny", "prior": "tiny", "decoder": "tiny", "upsampler": "tiny"}
+STAGE_VARIANTS = {"clip": "tiny", "prior": "tiny", "ar_prior": "tiny", "decoder": "tiny", "upsampler": "tiny"}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_VARIANTS))

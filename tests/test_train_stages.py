@@ -25,7 +25,8 @@ def datasets(tmp_path_factory):
   emb = builders.build_embeddings(
       {"image_emb": rng.standard_normal((N, e)).astype(np.float32),
        "text_emb": rng.standard_normal((N, e)).astype(np.float32),
-       "text_enc": rng.standard_normal((N, length, e)).astype(np.float32), "text_mask": mask},
+       "text_enc": rng.standard_normal((N, length, e)).astype(np.float32), "text_mask": mask,
+       "tokens": np.where(mask, rng.integers(1, 49408, (N, length)), 0).astype(np.int32)},
       root, "emb")
   return {"images": str(images), "emb": str(emb)}
 
@@ -33,17 +34,19 @@ def datasets(tmp_path_factory):
 def _cfg(stage, dirs, **overrides):
   cfg = config_lib.load_config(f"configs/{stage}.py:tiny",
                                [f"data.dirs={tuple(dirs)!r}", "num_train_steps=2", "log_every=1", "ckpt_every=2",
+                                "eval_every=0", "eval_examples=4",
                                 "dtype='float32'", "batch_size=8", "mesh.data=4", "mesh.fsdp=2", "optim.warmup_steps=0",
                                 *[f"{k}={v!r}" for k, v in overrides.items()]])
   return cfg
 
 
 @pytest.mark.parametrize("stage,data,overrides", [
-    ("prior", ("emb",), {"stats_examples": 8}),
+    ("prior", ("emb",), {"stats_examples": 8, "eval_every": 2, "sampling.steps": "5"}),
+    ("ar_prior", ("emb",), {"stats_examples": 16, "eval_every": 2}),
     ("decoder", ("images", "emb"), {"model.image_size": 32}),
     ("upsampler", ("images",), {}),
     ("clip", ("images",), {"model.text.vocab_size": 49408, "model.vision.image_size": 32,
-                           "model.vision.patch_size": 8}),
+                           "model.vision.patch_size": 8, "eval_every": 2}),
 ])
 def test_stage_trains_and_checkpoints(stage, data, overrides, datasets, tmp_path):
   cfg = _cfg(stage, [datasets[d] for d in data], **overrides)
@@ -56,6 +59,9 @@ def test_stage_trains_and_checkpoints(stage, data, overrides, datasets, tmp_path
              zip(jax.tree.leaves(state.params), jax.tree.leaves(init))]
   assert sum(changed) > len(changed) // 2, "training updates most parameters"
   assert (tmp_path / stage / "checkpoints" / "2").is_dir()
+  if cfg.eval_every:
+    evaluated = task.evaluate(state.ema_params)
+    assert evaluated and all(np.isfinite(np.asarray(v)).all() for v in evaluated.values())
 
 
 def test_prior_clip_statistics_come_from_the_data(datasets):
@@ -85,3 +91,31 @@ def test_train_cli_runs_a_stage(datasets, tmp_path):
   bad = subprocess.run(cmd[:3] + [f"--workdir={tmp_path}/x", "--config.no_such_key=1"], capture_output=True,
                        text=True, timeout=120, cwd=root)
   assert bad.returncode != 0 and "no_such_key" in bad.stderr
+
+
+def test_ar_prior_statistics_are_frozen_params(datasets, tmp_path):
+  cfg = _cfg("ar_prior", [datasets["emb"]], stats_examples=16)
+  task = stages.make_task(cfg)
+  state = loop.train(cfg, tmp_path, task)
+  init = task.init_params(jax.random.key(0))
+  for name, value in init["stats"].items():      # fitted on the data, untouched by the optimiser and the EMA
+    np.testing.assert_array_equal(np.asarray(state.params["stats"][name]), np.asarray(value), err_msg=name)
+    np.testing.assert_allclose(np.asarray(state.ema_params["stats"][name]), np.asarray(value), rtol=1e-6,
+                               err_msg=name)     # EMA of a constant: equal up to rounding
+  assert init["stats"]["pca_components"].shape == (cfg.model.num_components, 32)
+
+
+def test_evaluation_writes_scalars_and_image_grids(tmp_path):
+  images = np.linspace(-1, 1, 5 * 4 * 6 * 3, dtype=np.float32).reshape(5, 4, 6, 3)
+  grid = loop.image_grid(images)
+  assert grid.shape == (2 * 4, 3 * 6, 3) and grid.dtype == np.uint8
+  np.testing.assert_array_equal(grid[4:8, 6:12], np.clip(np.round((images[4] + 1) * 127.5), 0, 255))
+  assert not grid[4:, 12:].any()                 # padding of the unused sixth cell
+  task = loop.Task(init_params=None, loss_fn=None, data=None,
+                   evaluate=lambda params: {"samples": images, "score": np.float32(0.5)})
+  writer = loop.MetricsWriter(tmp_path, total_steps=1, start_step=0)
+  assert loop.run_evaluation(task, None, 7, writer) == {"eval/score": 0.5}
+  writer.close()
+  assert (tmp_path / "samples" / "samples_0000007.png").is_file()
+  with pytest.raises(ValueError, match="expected a scalar"):
+    loop.run_evaluation(loop.Task(None, None, None, evaluate=lambda p: {"bad": np.zeros((2, 3))}), None, 1, writer)

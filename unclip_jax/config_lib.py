@@ -84,6 +84,10 @@ def base_config(stage: str) -> mlc.ConfigDict:
   # their precomputed CLIP embeddings).
   c.data = mlc.ConfigDict(dict(dirs=(), split="train", workers=0, max_scale=1.0))
   c.log_every = 50
+  # Every `eval_every` steps (and at the end; 0 = never) the stage's evaluation runs on `eval_examples` held
+  # examples with the EMA params: sample metrics, and image grids for the decoder and upsamplers.
+  c.eval_every = 5000
+  c.eval_examples = 8
   c.ckpt_every = 1000
   c.keep_checkpoints = 3
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

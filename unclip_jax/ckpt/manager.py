@@ -14,6 +14,7 @@ import subprocess
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 import unclip_jax
@@ -105,6 +106,44 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._mngr.close()
+
+
+def restore_params(directory, *, step: int | None = None, which: str = "ema_params"):
+  """Parameters of a training run for sampling or export, without building its optimiser or model.
+
+  Args:
+    directory: a training workdir (with `checkpoints/`) or its `checkpoints/` directory.
+    step: default latest; which: "ema_params" (what sampling uses) or "params".
+  Returns:
+    (params as a nested dict of host numpy arrays, the run's config dict, the checkpoint's meta dict).
+  Raises:
+    FileNotFoundError: no checkpoint there.  ValueError: unknown `which` or a newer checkpoint schema.
+  """
+  if which not in ("ema_params", "params"):
+    raise ValueError(f"which must be 'ema_params' or 'params', got {which!r}")
+  directory = pathlib.Path(directory)
+  if (directory / "checkpoints").is_dir():
+    directory = directory / "checkpoints"
+  if not directory.is_dir():
+    raise FileNotFoundError(f"no checkpoint directory at {directory}")
+  mngr = CheckpointManager(directory, async_save=False)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+      raise FileNotFoundError(f"no checkpoint {'' if step is None else f'for step {step} '}in {directory}")
+    items = mngr._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
+                                                             config=ocp.args.JsonRestore()))
+    meta, config = items["meta"], items["config"]
+    if int(meta.get("schema", -1)) > unclip_jax.CHECKPOINT_SCHEMA:
+      raise ValueError(f"checkpoint {directory}/{step} has schema {meta.get('schema')}, newer than this "
+                       f"unclip_jax ({unclip_jax.CHECKPOINT_SCHEMA}); upgrade unclip_jax")
+    path = directory / str(step) / "state"
+    raw = ocp.PyTreeCheckpointer().restore(path, restore_args=None)
+  finally:
+    mngr.close()
+  if which not in raw:
+    raise ValueError(f"checkpoint {path} has no {which!r} (items: {sorted(raw)})")
+  return jax.tree.map(lambda x: np.asarray(x), raw[which]), config, meta
 
 
 def abstract_with_shardings(tree, shardings=None):

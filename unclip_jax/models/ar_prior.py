@@ -275,3 +275,42 @@ def sample(params, tokens, text_mask, text_emb, rng, *, model: ARPrior, pca: PCA
 
   codes = jax.lax.fori_loop(0, k, body, jnp.zeros((b, k), jnp.int32))
   return pca.decode(quantizer.decode(codes)), codes
+
+
+# ---- data statistics as (frozen) parameters -------------------------------------------------------------------
+def fit_stats(text_emb: np.ndarray, image_emb: np.ndarray, *, num_components: int, num_buckets: int,
+              num_dot_buckets: int) -> tuple[PCA, Quantizer, DotQuantizer]:
+  """PCA, code quantiser and dot-product quantiser fitted on paired embeddings [N, E]."""
+  pca = PCA.fit(image_emb, num_components)
+  quantizer = Quantizer.fit(np.asarray(pca.encode(image_emb)), num_buckets)
+  return pca, quantizer, DotQuantizer.fit(text_emb, image_emb, num_dot_buckets)
+
+
+def stats_to_params(pca: PCA, quantizer: Quantizer, dot_quantizer: DotQuantizer) -> dict[str, np.ndarray]:
+  """The fitted statistics as a parameter sub-tree, so checkpoints and bundles carry them (train them frozen)."""
+  if dot_quantizer.train_quantiles is None:
+    raise ValueError("dot_quantizer has no training quantiles; fit it with DotQuantizer.fit")
+  f32 = lambda x: np.asarray(x, np.float32)
+  return {"pca_mean": f32(pca.mean), "pca_components": f32(pca.components),
+          "pca_explained_variance": f32(pca.explained_variance), "pca_total_variance": f32([pca.total_variance]),
+          "code_low": f32(quantizer.low), "code_high": f32(quantizer.high),
+          "dot_range": f32([dot_quantizer.low, dot_quantizer.high]), "dot_quantiles": f32(dot_quantizer.train_quantiles)}
+
+
+def stats_from_params(stats, *, num_buckets: int, num_dot_buckets: int) -> tuple[PCA, Quantizer, DotQuantizer]:
+  """Inverse of `stats_to_params`; works on traced arrays inside jit (no host conversion)."""
+  pca = PCA(stats["pca_mean"], stats["pca_components"], stats["pca_explained_variance"],
+            stats["pca_total_variance"][0])
+  quantizer = Quantizer(stats["code_low"], stats["code_high"], num_buckets)
+  dot = DotQuantizer(stats["dot_range"][0], stats["dot_range"][1], num_dot_buckets, stats["dot_quantiles"])
+  return pca, quantizer, dot
+
+
+def from_config(model_cfg, *, dtype: Dtype | None = None) -> ARPrior:
+  """`configs/ar_prior.py` `model` block -> ARPrior."""
+  fields = ("vocab_size", "embedding_dim", "text_len", "num_components", "num_buckets", "num_dot_buckets", "width",
+            "num_layers", "num_heads", "remat")
+  kwargs = {k: model_cfg[k] for k in fields if k in model_cfg}
+  if kwargs.get("width", 1024) % kwargs.get("num_heads", 16):
+    raise ValueError(f"width {kwargs['width']} is not divisible by num_heads {kwargs['num_heads']}")
+  return ARPrior(**kwargs, dtype=jnp.dtype(dtype or jnp.float32))

@@ -28,15 +28,30 @@ def _multihost_detected() -> bool:
   return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
+def initialize_distributed() -> None:
+  """jax.distributed.initialize(): cluster auto-detection (TPU pods, SLURM, Open MPI), or the explicit
+  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (+ JAX_LOCAL_DEVICE_IDS) that launch/gpu.sh sets."""
+  import jax
+
+  kwargs = {}
+  if os.environ.get("JAX_NUM_PROCESSES") and os.environ.get("JAX_PROCESS_ID"):
+    kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # cross-process collectives on CPU
+  jax.distributed.initialize(**kwargs)
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
 def main(argv):
   del argv
   import jax  # after flag parsing: jax.distributed must come before any other JAX call
 
+  logging.getLogger().setLevel(logging.INFO)
   if flags.FLAGS.distributed == "on" or (flags.FLAGS.distributed == "auto" and _multihost_detected()):
-    jax.distributed.initialize()
+    initialize_distributed()
   if flags.FLAGS.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", flags.FLAGS.compilation_cache)
-  logging.getLogger().setLevel(logging.INFO)
 
   from unclip_jax.parallel import mesh as mesh_lib
   from unclip_jax.train import loop, stages

@@ -42,11 +42,16 @@ class Task:
     data: iterator of per-host numpy batches (dicts of arrays with a leading batch axis). If it has
       `get_state()`/`set_state(state)` (grain iterators do), its position is checkpointed and restored.
     examples_per_batch: global examples per step, for examples/s (default: leading dim × process count).
+    evaluate: optional params -> {name: scalar or image batch [N, H, W, 3] in [-1, 1]}, run with the EMA params
+      every `cfg.eval_every` steps and at the end; scalars are logged as eval/<name>, image batches written as
+      grids to WORKDIR/samples/<name>_<step>.png and TensorBoard. Every process calls it (it may be jitted over
+      sharded params); only process 0 writes.
   """
   init_params: Callable[[jax.Array], Any]
   loss_fn: Callable[..., tuple[jax.Array, dict]]
   data: Iterator[dict[str, np.ndarray]]
   examples_per_batch: int | None = None
+  evaluate: Callable[[Any], dict[str, Any]] | None = None
 
 
 def peak_flops(device: jax.Device) -> float | None:
@@ -94,6 +99,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int, enabled: bool = True):
     self.enabled = enabled and jax.process_index() == 0
+    self._workdir = workdir
     self._tb = None
     self._bar = None
     if self.enabled:
@@ -112,6 +118,21 @@ class MetricsWriter:
     self._bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items() if k in ("loss", "grad_norm", "steps_per_s")})
     log.info("step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(scalars.items())))
 
+  def write_images(self, step: int, name: str, images: np.ndarray) -> pathlib.Path | None:
+    """images [N, H, W, 3] in [-1, 1] -> one grid PNG (and a TensorBoard image)."""
+    if not self.enabled:
+      return None
+    from PIL import Image
+
+    grid = image_grid(images)
+    path = self._workdir / "samples" / f"{name}_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    self._tb.add_image(name, grid, step, dataformats="HWC")
+    self._tb.flush()
+    log.info("step %d: wrote %s", step, path)
+    return path
+
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:
       self._bar.update(n)
@@ -121,6 +142,48 @@ class MetricsWriter:
       self._bar.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """[N, H, W, C] floats in [-1, 1] -> one uint8 [rows·H, cols·W, C] grid (about square; black padding)."""
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"image_grid needs a non-empty [N, H, W, C] batch, got shape {images.shape}")
+  n, h, w, c = images.shape
+  cols = columns or int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  grid = np.zeros((rows * h, cols * w, c), np.uint8)
+  for i in range(n):
+    r, k = divmod(i, cols)
+    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = u8[i]
+  return grid
+
+
+def _host(x) -> np.ndarray:
+  """A (possibly multi-host sharded) array -> the full numpy value on every host."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def run_evaluation(task: Task, params, step: int, writer: "MetricsWriter") -> dict[str, float]:
+  """Runs `task.evaluate(params)` and writes its scalars and image grids; returns the scalars."""
+  results = task.evaluate(params)
+  scalars = {}
+  for name, value in results.items():
+    value = _host(value)
+    if value.ndim == 4:
+      writer.write_images(step, name, value)
+    elif value.size == 1:
+      scalars[f"eval/{name}"] = float(value.reshape(()))
+    else:
+      raise ValueError(f"evaluate() returned {name!r} with shape {value.shape}: expected a scalar or [N, H, W, 3]")
+  if scalars:
+    writer.write(step, scalars)
+  return scalars
 
 
 def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) -> TrainState:
@@ -185,15 +248,18 @@ def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) 
 
     writer = MetricsWriter(workdir, end, start)
     batch, last_log, last_time = first, start, time.perf_counter()
-    skipped = 0
+    skipped, pending_skips = 0, []
+    eval_every = int(cfg.get("eval_every", 0))
     with _Preemption() as preemption:
       for step in range(start, end):
         state, metrics = compiled(state, batch, step_rng)
+        pending_skips.append(metrics.pop("skipped"))       # a device scalar; read when logging (no sync here)
         writer.advance()
         done = step + 1
         if done % cfg.log_every == 0 or done == end or preemption.requested:
           metrics = jax.device_get(metrics)
-          skipped += int(metrics.pop("skipped"))
+          skipped += int(sum(int(x) for x in jax.device_get(pending_skips)))
+          pending_skips = []
           now = time.perf_counter()
           rate = (done - last_log) / max(now - last_time, 1e-9)
           scalars = {k: float(v) for k, v in metrics.items()}
@@ -202,6 +268,9 @@ def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) 
             scalars["mfu"] = flops * rate / peak
           writer.write(done, scalars)
           last_log, last_time = done, now
+        if task.evaluate is not None and eval_every > 0 and (done % eval_every == 0 or done == end):
+          run_evaluation(task, state.ema_params, done, writer)
+          last_time = time.perf_counter()
         if done % cfg.ckpt_every == 0 or done == end or preemption.requested:
           mngr.save(done, state, config=cfg.to_dict(), stage=cfg.stage,
                     data_state=task.data.get_state() if has_data_state else None)

@@ -4,12 +4,14 @@ Every stage reads array_record datasets written by `unclip_jax.data.build` (imag
 prior and the decoder, the CLIP embeddings precomputed once for the same examples (zipped by index):
   clip       image + caption                        -> symmetric InfoNCE over the global batch (shard_map)
   prior      text_emb, text_enc, text_mask, image_emb -> MSE on x̂0, text dropped 10%
+  ar_prior   tokens, text_mask, text_emb, image_emb -> cross-entropy on PCA/quantised codes, text dropped 10%
   decoder    image + image_emb, text_emb, text_enc, text_mask -> hybrid loss, CLIP emb dropped 10%, text 50%
   upsampler  image (full size)                      -> ε-MSE on random crops, degraded low-res condition
 """
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Iterator
 
 import jax
@@ -21,6 +23,7 @@ from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.train.loop import Task
 
 EMBEDDING_KEYS = ("image_emb", "text_emb", "text_enc", "text_mask")
+AR_KEYS = ("tokens", "text_mask", "text_emb", "image_emb")
 
 
 class MappedIterator:
@@ -54,6 +57,27 @@ def _data_iterator(cfg, image_size: int | None) -> Iterator[dict]:
   return pipeline.make_iterator(ds, workers=cfg.data.workers)
 
 
+def _eval_batch(cfg, data: Iterator[dict] | None, image_size: int | None, keys) -> dict | None:
+  """`cfg.eval_examples` held examples for the periodic evaluation (None when evaluation is off).
+
+  Taken from a second pass over the data with another shuffle seed (`data` overrides that, e.g. in tests)."""
+  if int(cfg.get("eval_every", 0)) <= 0:
+    return None
+  if data is None:
+    if not cfg.data.dirs:
+      return None
+    ds = pipeline.make_dataset(list(cfg.data.dirs), batch_size=int(cfg.eval_examples), seed=cfg.seed + 1,
+                               split=cfg.data.split, image_size=image_size)
+    data = pipeline.make_iterator(ds)
+  batch = _select(next(data), keys)
+  return {k: v[:int(cfg.eval_examples)] for k, v in batch.items()}
+
+
+def _cosine(a, b):
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-12)
+
+
 def _select(batch: dict, keys) -> dict:
   missing = [k for k in keys if k not in batch]
   if missing:
@@ -73,9 +97,10 @@ def embedding_stats(batches: Iterator[dict], num_examples: int) -> tuple[jax.Arr
 
 
 def prior_task(cfg, data: Iterator[dict] | None = None, stats_data: Iterator[dict] | None = None,
-               mesh=None) -> Task:
+               eval_data: Iterator[dict] | None = None, mesh=None) -> Task:
   """The diffusion prior on precomputed CLIP embeddings; clip_mean/std are set from the data at init.
-  (`mesh` is unused: every stage's task takes it so `make_task` has one signature.)"""
+  Evaluation: cosine of sampled image embeddings (the config's sampler) with the true ones, next to the
+  text-embedding baseline cos(text_emb, image_emb). (`mesh` is unused: every task takes it.)"""
   from unclip_jax import prior_lib
   from unclip_jax.models import prior as prior_model
 
@@ -88,9 +113,80 @@ def prior_task(cfg, data: Iterator[dict] | None = None, stats_data: Iterator[dic
   def init_params(rng):
     return prior_lib.with_clip_stats(prior_model.init_params(model, rng), *stats)
 
+  evaluate = None
+  held = _eval_batch(cfg, eval_data, None, EMBEDDING_KEYS)
+  if held is not None:
+    if cfg.null_text != "zeros":
+      raise ValueError("the prior's periodic evaluation samples with null_text='zeros' only; set eval_every=0")
+    sampler = prior_lib.make_sampler(cfg, model, diffusion)
+    cond = prior_lib.TextCond(held["text_emb"], held["text_enc"], held["text_mask"])
+
+    def evaluate(params):
+      emb = sampler(params, cond, jax.random.key(cfg.seed + 2))
+      return {"prior_cosine": jnp.mean(_cosine(emb, held["image_emb"])),
+              "text_baseline_cosine": jnp.mean(_cosine(held["text_emb"], held["image_emb"]))}
+
   loss_fn = functools.partial(prior_lib.loss_fn, model=model, diffusion=diffusion, text_drop_prob=cfg.text_drop_prob)
   return Task(init_params=init_params, loss_fn=loss_fn,
-              data=MappedIterator(data, lambda b: _select(b, EMBEDDING_KEYS)))
+              data=MappedIterator(data, lambda b: _select(b, EMBEDDING_KEYS)), evaluate=evaluate)
+
+
+# ---- autoregressive prior -----------------------------------------------------------------------------------------
+def ar_prior_loss_fn(params, batch, rng, *, model, text_drop_prob: float):
+  """Cross-entropy of the codes; PCA and quantisers come from the frozen `stats` sub-tree."""
+  from unclip_jax.models import ar_prior
+
+  pca, quantizer, dot = ar_prior.stats_from_params(params["stats"], num_buckets=model.num_buckets,
+                                                   num_dot_buckets=model.num_dot_buckets)
+  return ar_prior.loss_fn(params["model"], batch, rng, model=model, pca=pca, quantizer=quantizer,
+                          dot_quantizer=dot, text_drop_prob=text_drop_prob)
+
+
+def ar_prior_task(cfg, data: Iterator[dict] | None = None, stats_data: Iterator[dict] | None = None,
+                  eval_data: Iterator[dict] | None = None, mesh=None) -> Task:
+  """The autoregressive prior on precomputed embeddings + caption tokens; PCA/quantisers fitted at init on
+  `cfg.stats_examples` examples and kept as frozen params. Evaluation: cosine of sampled vs true embeddings."""
+  from unclip_jax.models import ar_prior
+
+  model = ar_prior.from_config(cfg.model, dtype=cfg.dtype)
+  source = stats_data if stats_data is not None else _data_iterator(cfg, None)
+  seen = []
+  while sum(len(b["image_emb"]) for b in seen) < cfg.stats_examples:
+    seen.append(_select(next(source), ("text_emb", "image_emb")))
+  text_emb = np.concatenate([b["text_emb"] for b in seen])[:cfg.stats_examples]
+  image_emb = np.concatenate([b["image_emb"] for b in seen])[:cfg.stats_examples]
+  fitted = ar_prior.fit_stats(text_emb, image_emb, num_components=model.num_components,
+                              num_buckets=model.num_buckets, num_dot_buckets=model.num_dot_buckets)
+  logging.info("ar_prior: PCA to %d components keeps %.1f%% of the embedding variance (%d examples)",
+               model.num_components, 100 * fitted[0].variance_kept, len(image_emb))
+  stats = ar_prior.stats_to_params(*fitted)
+  data = data if data is not None else _data_iterator(cfg, None)
+
+  def init_params(rng):
+    return {"model": ar_prior.init_params(model, rng), "stats": jax.tree.map(jnp.asarray, stats)}
+
+  evaluate = None
+  held = _eval_batch(cfg, eval_data, None, AR_KEYS)
+  if held is not None:
+    dot_bucket = fitted[2].bucket_for_quantile(cfg.sampling.dot_quantile)
+
+    @jax.jit
+    def sample(params):
+      pca, quantizer, dot = ar_prior.stats_from_params(params["stats"], num_buckets=model.num_buckets,
+                                                       num_dot_buckets=model.num_dot_buckets)
+      emb, _ = ar_prior.sample(params["model"], held["tokens"], held["text_mask"], held["text_emb"],
+                               jax.random.key(cfg.seed + 2), model=model, pca=pca, quantizer=quantizer,
+                               dot_bucket=dot_bucket, null_index=dot.null_index,
+                               guidance_scale=cfg.sampling.guidance_scale, temperature=cfg.sampling.temperature)
+      return emb
+
+    def evaluate(params):
+      return {"prior_cosine": jnp.mean(_cosine(sample(params), held["image_emb"])),
+              "text_baseline_cosine": jnp.mean(_cosine(held["text_emb"], held["image_emb"]))}
+
+  loss_fn = functools.partial(ar_prior_loss_fn, model=model, text_drop_prob=cfg.text_drop_prob)
+  return Task(init_params=init_params, loss_fn=loss_fn, data=MappedIterator(data, lambda b: _select(b, AR_KEYS)),
+              evaluate=evaluate)
 
 
 # ---- decoder ----------------------------------------------------------------------------------------------------
@@ -200,19 +296,35 @@ def clip_batch(batch: dict, *, context_length: int) -> dict:
   return {"ids": np.asarray(ids, np.int32), "pixels": pixels.astype(np.float32)}
 
 
-def clip_task(cfg, data: Iterator[dict] | None = None, mesh=None) -> Task:
+def clip_task(cfg, data: Iterator[dict] | None = None, eval_data: Iterator[dict] | None = None, mesh=None) -> Task:
   from unclip_jax.models import clip as clip_lib
 
   model = clip_lib.from_config(cfg.model, dtype=cfg.dtype)
-  data = data if data is not None else _data_iterator(cfg, cfg.model.vision.image_size)
+  size = cfg.model.vision.image_size
+  data = data if data is not None else _data_iterator(cfg, size)
+  to_clip = functools.partial(clip_batch, context_length=cfg.model.text.context_length)
+  evaluate = None
+  held = _eval_batch(cfg, eval_data, size, ("image", "caption"))
+  if held is not None:
+    held = to_clip(held)
+
+    @jax.jit
+    def evaluate(params):
+      """In-batch retrieval: is each image's own caption the best-scoring one (and vice versa)?"""
+      out = model.apply({"params": params}, input_ids=held["ids"], pixels=held["pixels"])
+      sims = _cosine(out["image_embeds"][:, None], out["text_embeds"][None])                    # [N, N]
+      labels = jnp.arange(sims.shape[0])
+      return {"image_to_text_top1": jnp.mean(jnp.argmax(sims, 1) == labels),
+              "text_to_image_top1": jnp.mean(jnp.argmax(sims, 0) == labels),
+              "matched_cosine": jnp.mean(jnp.diag(sims))}
+
   return Task(init_params=lambda rng: clip_lib.init_params(model, rng),
               loss_fn=functools.partial(clip_loss_fn, model=model, mesh=mesh),
-              data=MappedIterator(data, functools.partial(clip_batch,
-                                                          context_length=cfg.model.text.context_length)))
+              data=MappedIterator(data, to_clip), evaluate=evaluate)
 
 
-TASKS: dict[str, Callable[..., Task]] = {"prior": prior_task, "decoder": decoder_task, "upsampler": upsampler_task,
-                                         "clip": clip_task}
+TASKS: dict[str, Callable[..., Task]] = {"prior": prior_task, "ar_prior": ar_prior_task, "decoder": decoder_task,
+                                         "upsampler": upsampler_task, "clip": clip_task}
 
 
 def make_task(cfg, **kwargs: Any) -> Task:

@@ -1,0 +1,34 @@
+"""Autoregressive prior (unCLIP §2.2, the alternative to the diffusion prior): CLIP image embedding as discrete codes.
+
+PCA to `num_components` (319) dimensions, each quantised into `num_buckets` (1024) buckets, predicted by a causal
+transformer after [caption tokens, text embedding, quantised text·image cosine]. PCA and quantisers are fitted on
+`stats_examples` training embeddings before step 0 and stored as frozen parameters (`stats/...`).
+`model` is read by `unclip_jax.models.ar_prior.from_config`.
+"""
+import ml_collections as mlc
+
+from unclip_jax import config_lib
+
+VARIANTS = ("tiny", "paper")
+
+
+def get_config(arg: str = ""):
+  variant = config_lib.select_variant(arg, VARIANTS, default="paper")
+  c = config_lib.base_config("ar_prior")
+  c.variant = variant
+  c.model = mlc.ConfigDict(dict(
+      vocab_size=49408, embedding_dim=768, text_len=77,
+      num_components=319, num_buckets=1024, num_dot_buckets=1024,
+      width=1024, num_layers=24, num_heads=16, remat=False,
+  ))
+  c.text_drop_prob = 0.1
+  c.stats_examples = 100_000     # embeddings used to fit the PCA and the quantisers
+  c.sampling = mlc.ConfigDict(dict(guidance_scale=2.0, temperature=1.0,
+                                   dot_quantile=0.75))   # the paper samples the dot token from the top half
+  c.optim.update(lr=3e-4, weight_decay=1e-2, frozen=("^stats/",))
+  if variant == "tiny":
+    c.model.update(embedding_dim=32, text_len=16, num_components=12, num_buckets=64, num_dot_buckets=64,
+                   width=32, num_layers=2, num_heads=4)
+    c.stats_examples = 64
+    c.batch_size = 8
+  return c
