@@ -1,7 +1,12 @@
 """64x64 decoder: GLIDE/ADM UNet conditioned on CLIP image embeddings and text (Karlo decoder sizes).
 
-`model` is read by `unclip_jax.models.unet.from_config` (UNet fields) and `unclip_jax.models.text_proj.from_config`
-(clip_embedding_dim, clip_extra_context_tokens, cross_attention_dim; time_embed_dim = 4·block_out_channels[0]).
+`model` is read by `unclip_jax.models.unet.from_config` (UNet fields) and by the text pathway named in
+`model.text_encoder`:
+  "text_proj" (Karlo): `unclip_jax.models.text_proj.from_config` (clip_embedding_dim, clip_extra_context_tokens,
+    cross_attention_dim; time_embed_dim = 4·block_out_channels[0]);
+  "glide": `unclip_jax.models.glide_text.from_config` (text_ctx, xf_width = cross_attention_dim, xf_layers,
+    xf_heads, xf_final_ln, xf_padding, n_vocab).
+The tiny variant runs either: `--config.model.text_encoder=glide` switches it to a 2-layer GLIDE text encoder.
 Compute dtype and remat policy are the top-level `dtype` / `remat_policy` (config_lib.base_config).
 """
 import ml_collections as mlc
@@ -25,6 +30,9 @@ def get_config(arg: str = ""):
       cross_attention_dim=1536, class_embed_type="identity",
       time_scale_shift="scale_shift", norm_num_groups=32, dropout=0.1,
       clip_embedding_dim=768, clip_extra_context_tokens=4,     # text_proj
+      text_encoder="text_proj",     # "text_proj" (Karlo: CLIP text + image embeddings) | "glide" (GLIDE transformer)
+      # GLIDE text transformer (§10.2; used when text_encoder == "glide"): GPT-2 BPE, end_token = n_vocab - 1.
+      text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True, n_vocab=50257,
   ))
   c.diffusion = config_lib.diffusion_config(prediction="eps", variance="learned_range", loss="hybrid")
   c.sampling = config_lib.sampling_config(steps="25", guidance_scale=8.0, clip_range=1.0)
@@ -32,11 +40,13 @@ def get_config(arg: str = ""):
   c.text_drop_prob = 0.5
   if variant == "glide":
     # GLIDE base trunk (§10.3); the text comes from GlideTextEncoder (xf_width 512), no text_proj.
-    c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512)
+    c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512, text_encoder="glide")
     c.sampling.update(steps="100", guidance_scale=3.0)
+    c.text_drop_prob = 0.2          # GLIDE: 20% of captions replaced by the empty token sequence
   if variant == "tiny":
     c.model.update(image_size=16, block_out_channels=(16, 32, 48), layers_per_block=2,
                    attention_levels=(False, True, True), head_dim=8, cross_attention_dim=24,
-                   clip_embedding_dim=32, norm_num_groups=8, dropout=0.0)
+                   clip_embedding_dim=32, norm_num_groups=8, dropout=0.0,
+                   text_ctx=8, xf_width=24, xf_layers=2, xf_heads=4, n_vocab=50)   # xf_width = cross_attention_dim
     c.batch_size = 8
   return c
