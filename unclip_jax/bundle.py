@@ -1,0 +1,367 @@
+"""The sampling-ready model bundle: one folder per component, config JSON + safetensors params.
+
+  BUNDLE/bundle.json                   {"format": "unclip_jax.bundle", "schema": 1, "unclip_jax": __version__,
+                                        "components": [...], "source": "..."}
+  BUNDLE/<component>/config.json       the stage ConfigDict (as `configs/<stage>.py` gives it) as JSON
+  BUNDLE/<component>/params.safetensors  params flattened with "/"-joined Flax paths (float32, or bf16/fp16)
+
+Components and their stages: "clip" (clip; text-only or both towers), "prior" (prior), "decoder" (decoder; params
+{"unet": ..., "text_proj": ...}, or {"unet", "text_encoder"} with the GLIDE text pathway), "super_res_first" and
+"super_res_last" (upsampler; the last one optional). Models are built from the stored configs with the models'
+`from_config` functions; loading checks every parameter name and shape against `jax.eval_shape` of that model.
+
+A component is written into a temporary folder and renamed into place, so an interrupted write never leaves a
+half component (at worst the old one or none). Nothing is pickled: JSON and safetensors only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import uuid
+from typing import Any, Mapping
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+import unclip_jax
+
+FORMAT = "unclip_jax.bundle"
+SCHEMA = 1
+MANIFEST_NAME = "bundle.json"
+CONFIG_NAME = "config.json"
+PARAMS_NAME = "params.safetensors"
+COMPONENT_STAGES = {"clip": "clip", "prior": "prior", "decoder": "decoder", "super_res_first": "upsampler",
+                    "super_res_last": "upsampler"}
+COMPONENTS = tuple(COMPONENT_STAGES)
+DTYPES = ("float32", "bfloat16", "float16")
+
+Params = dict[str, Any]
+PathLike = str | os.PathLike
+
+
+# ---- configs ----------------------------------------------------------------------------------------------------
+def _tuples(x):
+  """JSON lists -> tuples, recursively (configs/*.py use tuples for every sequence)."""
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return tuple(_tuples(v) for v in x)
+  return x
+
+
+def config_to_dict(cfg) -> dict[str, Any]:
+  """ConfigDict (or dict) -> plain JSON-able dict (tuples become lists)."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return json.loads(json.dumps(d))
+
+
+def config_from_dict(d: Mapping[str, Any]) -> mlc.ConfigDict:
+  """JSON dict -> ConfigDict with tuples for sequences, like `configs/<stage>.py` builds it."""
+  return mlc.ConfigDict(_tuples(dict(d)))
+
+
+# ---- models and expected trees ----------------------------------------------------------------------------------
+def _glide_text_abstract(model_cfg):
+  from unclip_jax.models import glide_text
+
+  model = glide_text.from_config(model_cfg, dtype="float32")
+  if hasattr(glide_text, "abstract_params"):
+    return glide_text.abstract_params(model)
+  return jax.eval_shape(lambda rng: glide_text.init_params(model, rng), jax.random.key(0))
+
+
+def abstract_params(cfg) -> Params:
+  """`jax.eval_shape` of the param tree of the model(s) `cfg` (a stage config) describes."""
+  stage = cfg.get("stage")
+  model_cfg = cfg.get("model")
+  if model_cfg is None:
+    raise ValueError("config has no 'model' block")
+  if stage == "clip":
+    from unclip_jax.models import clip as clip_lib
+
+    return clip_lib.abstract_params(clip_lib.from_config(model_cfg, dtype="float32", remat=False))
+  if stage == "prior":
+    from unclip_jax.models import prior as prior_lib
+
+    return prior_lib.abstract_params(prior_lib.from_config(model_cfg, dtype="float32", remat=False))
+  if stage in ("decoder", "upsampler"):
+    from unclip_jax.models import unet as unet_lib
+
+    unet = unet_lib.abstract_params(unet_lib.from_config(model_cfg, dtype="float32", remat="none"))
+    if stage == "upsampler":
+      return unet
+    if model_cfg.get("text_encoder", "text_proj") == "glide":
+      return {"unet": unet, "text_encoder": _glide_text_abstract(model_cfg)}
+    from unclip_jax.models import text_proj as text_proj_lib
+
+    return {"unet": unet,
+            "text_proj": text_proj_lib.abstract_params(text_proj_lib.from_config(model_cfg, dtype="float32"))}
+  raise ValueError(f"config stage {stage!r} has no bundle component (stages: {sorted(set(COMPONENT_STAGES.values()))})")
+
+
+def _flat_leaves(tree) -> dict[str, Any]:
+  return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def flatten_params(params: Params) -> dict[str, np.ndarray]:
+  """Nested params -> {"a/b/kernel": numpy array}."""
+  return {k: np.asarray(v) for k, v in _flat_leaves(params).items()}
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> Params:
+  """{"a/b/kernel": array} -> nested dict."""
+  out: Params = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def check_params(params: Params, cfg, what: str = "params") -> None:
+  """Checks names and shapes against the model built from `cfg`; a ValueError names the first bad key."""
+  expected = {k: tuple(v.shape) for k, v in _flat_leaves(abstract_params(cfg)).items()}
+  flat = _flat_leaves(params)
+  for key in sorted(flat):
+    if key not in expected:
+      raise ValueError(f"{what}: unexpected parameter {key!r} (not in the model built from the config)")
+    if tuple(np.shape(flat[key])) != expected[key]:
+      raise ValueError(f"{what}: parameter {key!r} has shape {tuple(np.shape(flat[key]))}, the model expects "
+                       f"{expected[key]}")
+  missing = sorted(k for k in expected if k not in flat)
+  if missing:
+    raise ValueError(f"{what}: missing parameter {missing[0]!r} ({len(missing)} missing in all)")
+
+
+def param_count(params: Params) -> int:
+  return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+
+
+# ---- components -------------------------------------------------------------------------------------------------
+def _check_name(name: str) -> str:
+  if name not in COMPONENT_STAGES:
+    raise ValueError(f"unknown bundle component {name!r}; choose one of {COMPONENTS}")
+  return COMPONENT_STAGES[name]
+
+
+def _np_dtype(dtype: str | None):
+  dtype = dtype or "float32"
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+  if dtype == "bfloat16":
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
+  return np.dtype(dtype)
+
+
+def save_component(root: PathLike, name: str, cfg, params: Params, dtype: str | None = None) -> pathlib.Path:
+  """Writes BUNDLE/<name>/{config.json, params.safetensors} atomically and updates bundle.json.
+
+  Args:
+    root: the bundle folder (created if missing).
+    name: one of COMPONENTS; `cfg.stage` must be its stage.
+    cfg: the stage ConfigDict (its `model` block builds the model).
+    params: the param tree; checked against the model before anything is written.
+    dtype: "float32" (default), "bfloat16" or "float16" storage; loading always returns float32.
+  Returns:
+    the component folder.
+  """
+  stage = _check_name(name)
+  if cfg.get("stage") != stage:
+    raise ValueError(f"component {name!r} needs a {stage!r} stage config, got stage {cfg.get('stage')!r}")
+  np_dtype = _np_dtype(dtype)
+  check_params(params, cfg, f"component {name!r}")
+  from safetensors.numpy import save_file
+
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  final = root / name
+  tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  try:
+    with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+      json.dump(config_to_dict(cfg), f, indent=2, sort_keys=True)
+    tensors = {k: np.array(np.asarray(v, np.float32).astype(np_dtype), order="C")     # keeps 0-d leaves 0-d
+               for k, v in flatten_params(params).items()}
+    save_file(tensors, str(tmp / PARAMS_NAME),
+              metadata={"format": FORMAT, "component": name, "dtype": dtype or "float32"})
+    old = None
+    if final.exists():
+      old = root / f".old-{name}-{uuid.uuid4().hex[:8]}"
+      os.rename(final, old)
+    try:
+      os.rename(tmp, final)
+    except BaseException:
+      if old is not None:
+        os.rename(old, final)          # put the previous component back
+      raise
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+  manifest = _read_manifest_or_none(root)
+  write_manifest(root, source=(manifest or {}).get("source", ""))
+  return final
+
+
+def _read_json(path: pathlib.Path, what: str):
+  if not path.is_file():
+    raise FileNotFoundError(f"{what} not found: {path}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"corrupt {what} {path}: {e}") from e
+
+
+def load_component(root: PathLike, name: str) -> tuple[mlc.ConfigDict, Params]:
+  """Reads BUNDLE/<name> -> (stage ConfigDict, float32 params), checked against the model.
+
+  Raises:
+    FileNotFoundError: the bundle, component folder, config.json or params.safetensors is missing (names it).
+    ValueError: corrupt JSON or safetensors (names the file), a config of the wrong stage, or params that do not
+      match the model built from the config (names the first bad key).
+  """
+  stage = _check_name(name)
+  folder = pathlib.Path(root) / name
+  if not folder.is_dir():
+    raise FileNotFoundError(f"bundle component folder not found: {folder}")
+  d = _read_json(folder / CONFIG_NAME, "component config")
+  if not isinstance(d, dict):
+    raise ValueError(f"corrupt component config {folder / CONFIG_NAME}: not a JSON object")
+  cfg = config_from_dict(d)
+  if cfg.get("stage") != stage:
+    raise ValueError(f"{folder / CONFIG_NAME}: component {name!r} needs stage {stage!r}, got {cfg.get('stage')!r}")
+  from unclip_jax.ckpt import torch_layout
+
+  path = folder / PARAMS_NAME
+  if not path.is_file():
+    raise FileNotFoundError(f"component params not found: {path}")
+  try:
+    flat = torch_layout.read_safetensors(path)
+  except ValueError as e:
+    raise ValueError(f"corrupt params file {path}: {e}") from e
+  params = unflatten_params({k: np.asarray(v).astype(np.float32, copy=False) for k, v in flat.items()})
+  check_params(params, cfg, f"{path}")
+  return cfg, params
+
+
+def list_components(root: PathLike) -> list[str]:
+  """Components present in the bundle (folder with config.json and params.safetensors), in COMPONENTS order."""
+  root = pathlib.Path(root)
+  return [n for n in COMPONENTS if (root / n / CONFIG_NAME).is_file() and (root / n / PARAMS_NAME).is_file()]
+
+
+# ---- manifest ---------------------------------------------------------------------------------------------------
+def write_manifest(root: PathLike, *, source: str = "", components: list[str] | None = None) -> dict[str, Any]:
+  """Writes BUNDLE/bundle.json atomically (components default to those present). Returns the manifest."""
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  comps = list_components(root) if components is None else list(components)
+  for c in comps:
+    _check_name(c)
+  manifest = {"format": FORMAT, "schema": SCHEMA, "unclip_jax": unclip_jax.__version__, "components": comps,
+              "source": source}
+  tmp = root / f".{MANIFEST_NAME}.{uuid.uuid4().hex[:8]}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=2)
+  os.replace(tmp, root / MANIFEST_NAME)
+  return manifest
+
+
+def read_manifest(root: PathLike) -> dict[str, Any]:
+  """BUNDLE/bundle.json, checked: the format name, a schema this code reads, and components that exist."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f"bundle folder not found: {root}")
+  path = root / MANIFEST_NAME
+  m = _read_json(path, "bundle manifest")
+  if not isinstance(m, dict) or m.get("format") != FORMAT:
+    fmt = m.get("format") if isinstance(m, dict) else None
+    raise ValueError(f"{path} is not an unclip_jax bundle manifest (format {fmt!r}, expected {FORMAT!r})")
+  if not isinstance(m.get("schema"), int) or m["schema"] > SCHEMA:
+    raise ValueError(f"{path}: bundle schema {m.get('schema')!r} is not readable by this unclip_jax (schema {SCHEMA})")
+  for c in m.get("components", []):
+    _check_name(c)
+    if not (root / c).is_dir():
+      raise FileNotFoundError(f"{path} lists component {c!r} but {root / c} does not exist")
+  return m
+
+
+def _read_manifest_or_none(root: pathlib.Path):
+  try:
+    return read_manifest(root)
+  except (FileNotFoundError, ValueError):
+    return None
+
+
+# ---- training checkpoints ---------------------------------------------------------------------------------------
+def export_from_training(workdir: PathLike, bundle_root: PathLike, component: str, *, step: int | None = None,
+                         dtype: str | None = None) -> tuple[mlc.ConfigDict, Params]:
+  """Latest (or `step`) orbax checkpoint in WORKDIR/checkpoints -> EMA params + the saved config -> a component.
+
+  The run's config must be of the component's stage (decoder params are {"unet", "text_proj"}). Returns the
+  exported (config, params).
+  """
+  stage = _check_name(component)
+  params, config, meta = _restore_training(workdir, step)
+  cfg = config_from_dict(config)
+  if cfg.get("stage") != stage:
+    raise ValueError(f"{workdir}: the run trained stage {cfg.get('stage')!r}; component {component!r} needs a "
+                     f"{stage!r} run")
+  save_component(bundle_root, component, cfg, params, dtype=dtype)
+  manifest = _read_manifest_or_none(pathlib.Path(bundle_root)) or {}
+  source = f"training:{os.fspath(workdir)}@{meta.get('step', step) if isinstance(meta, dict) else step}"
+  write_manifest(bundle_root, source="; ".join(s for s in (manifest.get("source", ""), source) if s))
+  return cfg, params
+
+
+def _restore_training(workdir: PathLike, step: int | None):
+  """-> (EMA params as numpy, config dict, meta dict with 'step')."""
+  from unclip_jax.ckpt import manager
+
+  directory = pathlib.Path(workdir)
+  ckpt_dir = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
+  if not ckpt_dir.is_dir():
+    raise FileNotFoundError(f"no training checkpoints at {directory / 'checkpoints'}")
+  mngr = manager.CheckpointManager(ckpt_dir, async_save=False)
+  try:
+    chosen = mngr.latest_step() if step is None else step
+    if chosen is None or chosen not in mngr.all_steps():
+      raise FileNotFoundError(f"no checkpoint {'' if step is None else f'for step {step} '}in {ckpt_dir}")
+  finally:
+    mngr.close()
+  if hasattr(manager, "restore_params"):
+    params, config, meta = manager.restore_params(ckpt_dir, step=chosen, which="ema_params")
+  else:
+    params, config, meta = _restore_with_abstract_state(ckpt_dir, chosen)
+  meta = dict(meta or {}, step=chosen)
+  return jax.tree.map(np.asarray, params), config, meta
+
+
+def _restore_with_abstract_state(ckpt_dir: pathlib.Path, step: int):
+  """Fallback restore through CheckpointManager.restore: the abstract TrainState is rebuilt from the config."""
+  from unclip_jax.ckpt import manager
+  from unclip_jax.train import optim
+  from unclip_jax.train.state import TrainState
+
+  mngr = manager.CheckpointManager(ckpt_dir, async_save=False)
+  try:
+    config = mngr.restore_config(step)
+    cfg = config_from_dict(config)
+    abstract = abstract_params(cfg)
+    tx = optim.make_optimizer(cfg)
+    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state, meta = mngr.restore(manager.abstract_with_shardings(abstract_state, jax.tree.map(lambda _: device,
+                                                                                          abstract_state)), step)
+  finally:
+    mngr.close()
+  return state.ema_params, config, meta
