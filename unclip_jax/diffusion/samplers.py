@@ -1,4 +1,5 @@
-"""DDPM and DDIM sampling, classifier-free guidance and DDIM inversion, written once for every stage.
+"""DDPM and DDIM sampling, classifier-free guidance, DDIM inversion and inpainting (x̂0 pasting, RePaint), written
+once for every stage.
 
 A `model_fn(x [N, ..., C], t [N] int32) -> out [N, ..., C or 2C]` is called with the *training* timestep
 indices of the visited steps. The update rules are pure functions of (x_t, model output, per-step scalars,
@@ -100,10 +101,16 @@ def guided(model_fn: ModelFn, scale: float, data_channels: int, learned_variance
   return fn
 
 
-def denoise(diffusion: GaussianDiffusion, settings: SamplerSettings, model_out, x_t, alpha_bar):
-  """Model output -> (x̂0 thresholded, ε̂ from the raw prediction, variance channels or None)."""
+def denoise(diffusion: GaussianDiffusion, settings: SamplerSettings, model_out, x_t, alpha_bar,
+            denoised_fn: Callable[[jax.Array], jax.Array] | None = None):
+  """Model output -> (x̂0 thresholded, ε̂ from the raw prediction, variance channels or None).
+
+  `denoised_fn` (optional) maps x̂0 before the thresholding, as GLIDE's `denoised_fn` (e.g. `paste_known`).
+  """
   mean_out, v = diffusion.split_output(model_out, x_t.shape[-1])
   x0, eps = gaussian.predict_x0_eps(diffusion.prediction, mean_out, x_t, alpha_bar)
+  if denoised_fn is not None:
+    x0 = denoised_fn(x0)
   return threshold_x0(x0, settings), eps, v
 
 
@@ -133,13 +140,15 @@ def step_noise(rng: jax.Array, index, shape, dtype) -> jax.Array:
 
 
 def sampler_step(model_fn: ModelFn, x: jax.Array, step: dict, rng: jax.Array, *, diffusion: GaussianDiffusion,
-                 settings: SamplerSettings) -> tuple[jax.Array, jax.Array]:
+                 settings: SamplerSettings,
+                 denoised_fn: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
   """One reverse step. `step` holds scalars index, t, alpha_bar, alpha_bar_prev, beta (see StepTable).
 
-  `model_fn` is the already-guided model (see `guided`). Returns (x_prev, x̂0).
+  `model_fn` is the already-guided model (see `guided`); `denoised_fn` optionally maps x̂0 (see `denoise`).
+  Returns (x_prev, x̂0).
   """
   t = jnp.full((x.shape[0],), step["t"], jnp.int32)
-  x0, eps, v = denoise(diffusion, settings, model_fn(x, t), x, step["alpha_bar"])
+  x0, eps, v = denoise(diffusion, settings, model_fn(x, t), x, step["alpha_bar"], denoised_fn)
   noise = step_noise(rng, step["index"], x.shape, x.dtype)
   if settings.method == "ddpm":
     return ddpm_update(diffusion, x, x0, v, step, noise), x0
@@ -163,7 +172,8 @@ def _scan_inputs(table: StepTable) -> dict[str, jax.Array]:
 
 def sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *, diffusion: GaussianDiffusion,
            steps: str | int = "25", settings: SamplerSettings = SamplerSettings(),
-           progress: Callable[[Any], None] | None = None, sharding=None) -> jax.Array:
+           progress: Callable[[Any], None] | None = None, sharding=None,
+           denoised_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """Runs the reverse process from x_T [B, ..., C] to x̂0 with one `lax.scan` (traceable; jit the caller).
 
   Args:
@@ -173,11 +183,13 @@ def sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *, diffusion: Gaus
     steps: respacing spec ("25", "10,10,5", "ddim50"); static.
     progress: optional host callback called with the step index from inside the scan (see `ProgressBar`).
     sharding: optional sharding constraint applied to the latents after every step.
+    denoised_fn: optional map of x̂0 [B, ..., C] applied every step before thresholding (see `paste_known`).
   """
   model_fn, table = _prepare(model_fn, x_T, diffusion, settings, steps)
 
   def body(x, step):
-    x_prev, _ = sampler_step(model_fn, x, step, rng, diffusion=diffusion, settings=settings)
+    x_prev, _ = sampler_step(model_fn, x, step, rng, diffusion=diffusion, settings=settings,
+                             denoised_fn=denoised_fn)
     if sharding is not None:
       x_prev = jax.lax.with_sharding_constraint(x_prev, sharding)
     if progress is not None:
@@ -189,14 +201,99 @@ def sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *, diffusion: Gaus
 
 
 def sample_python_loop(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *, diffusion: GaussianDiffusion,
-                       steps: str | int = "25", settings: SamplerSettings = SamplerSettings()) -> jax.Array:
+                       steps: str | int = "25", settings: SamplerSettings = SamplerSettings(),
+                       denoised_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
   """`sample` as an eager Python loop over `sampler_step` (for debugging and for testing the scan)."""
   model_fn, table = _prepare(model_fn, x_T, diffusion, settings, steps)
   inputs, x = table.as_scan_inputs(), x_T
   for i in range(table.num_steps):
     step = {k: jnp.asarray(v[i]) for k, v in inputs.items()}
-    x, _ = sampler_step(model_fn, x, step, rng, diffusion=diffusion, settings=settings)
+    x, _ = sampler_step(model_fn, x, step, rng, diffusion=diffusion, settings=settings, denoised_fn=denoised_fn)
   return x
+
+
+# ---- inpainting ------------------------------------------------------------------------------------------------
+def paste_known(known: jax.Array, mask: jax.Array) -> Callable[[jax.Array], jax.Array]:
+  """A `denoised_fn` pasting the known pixels into x̂0: x̂0·(1-m) + known·m (GLIDE's inpainting notebook).
+
+  known: [B, ..., C]; mask: broadcastable to it, 1 = known.
+  """
+  def fn(x0):
+    m = mask.astype(x0.dtype)
+    return x0 * (1.0 - m) + known.astype(x0.dtype) * m
+  return fn
+
+
+def renoise(x_prev: jax.Array, step: dict, noise: jax.Array) -> jax.Array:
+  """The forward jump back over one sampling step, ᾱ_prev -> ᾱ_t: √(ᾱ_t/ᾱ_prev)·x_prev + √(1-ᾱ_t/ᾱ_prev)·ε."""
+  ratio = step["alpha_bar"] / step["alpha_bar_prev"]
+  return (jnp.sqrt(ratio) * x_prev + jnp.sqrt(1.0 - ratio) * noise).astype(x_prev.dtype)
+
+
+def repaint_keys(rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """RePaint's three noise streams (reverse step, known-region q_sample, renoising), split from `rng`.
+
+  Repetition j of sampling step i draws `step_noise(fold_in(stream, j), i, ...)` from each stream, so with
+  `resample_jumps=1` and nothing known `repaint_sample(rng)` equals `sample(fold_in(repaint_keys(rng)[0], 0))`.
+  """
+  reverse_rng, known_rng, renoise_rng = jax.random.split(rng, 3)
+  return reverse_rng, known_rng, renoise_rng
+
+
+def repaint_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *, known: jax.Array, mask: jax.Array,
+                   diffusion: GaussianDiffusion, steps: str | int = "25", settings: SamplerSettings = SamplerSettings(),
+                   resample_jumps: int = 1, progress: Callable[[Any], None] | None = None, sharding=None,
+                   denoised_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+  """RePaint (Lugmayr et al. 2022) inpainting with an unconditional model, in one `lax.scan`.
+
+  Each sampling step t -> t_prev is repeated `resample_jumps` (r) times: reverse step x_t -> x_prev; the known
+  region of x_prev is replaced by q_sample(known, ᾱ_prev) with fresh noise, x_prev = m·known_prev + (1-m)·x_prev;
+  except after the last repetition, x_prev is renoised one step back to x_t (`renoise`). The final step (to
+  ᾱ_prev = 1) is not repeated, as in the paper, and pastes the known pixels exactly. Noise streams: `repaint_keys`.
+
+  Args:
+    model_fn, x_T, steps, settings, progress, sharding, denoised_fn: as in `sample`.
+    known: [B, ..., C] the known image; mask: broadcastable to x_T, 1 = known pixel (soft values blend).
+    resample_jumps: r >= 1 (static).
+  Returns:
+    x̂0 [B, ..., C].
+  """
+  if not isinstance(resample_jumps, (int, np.integer)) or resample_jumps < 1:
+    raise ValueError(f"resample_jumps must be an integer >= 1, got {resample_jumps!r}")
+  if known.shape != x_T.shape:
+    raise ValueError(f"known image must have the latents' shape {x_T.shape}, got {known.shape}")
+  try:
+    np.broadcast_shapes(mask.shape, x_T.shape)
+  except ValueError:
+    raise ValueError(f"mask of shape {mask.shape} does not broadcast to the latents' shape {x_T.shape}") from None
+  model_fn, table = _prepare(model_fn, x_T, diffusion, settings, steps)
+  reverse_rng, known_rng, renoise_rng = repaint_keys(rng)
+  m = jnp.asarray(mask).astype(x_T.dtype)
+  known = known.astype(x_T.dtype)
+
+  def body(x, step):
+    last = step["alpha_bar_prev"] >= 1.0
+    reps = jnp.where(last, 1, resample_jumps)
+
+    def rep(j, carry):
+      x_t, _ = carry
+      x_prev, _ = sampler_step(model_fn, x_t, step, jax.random.fold_in(reverse_rng, j), diffusion=diffusion,
+                               settings=settings, denoised_fn=denoised_fn)
+      known_noise = step_noise(jax.random.fold_in(known_rng, j), step["index"], x.shape, x.dtype)
+      known_prev = gaussian.q_sample(known, known_noise, step["alpha_bar_prev"]).astype(x.dtype)
+      x_prev = m * known_prev + (1.0 - m) * x_prev
+      noise = step_noise(jax.random.fold_in(renoise_rng, j), step["index"], x.shape, x.dtype)
+      return renoise(x_prev, step, noise), x_prev
+
+    _, x_prev = jax.lax.fori_loop(0, reps, rep, (x, x))
+    if sharding is not None:
+      x_prev = jax.lax.with_sharding_constraint(x_prev, sharding)
+    if progress is not None:
+      jax.debug.callback(progress, step["index"])
+    return x_prev, None
+
+  x0, _ = jax.lax.scan(body, x_T, _scan_inputs(table))
+  return x0
 
 
 def ddim_invert(model_fn: ModelFn, x0: jax.Array, *, diffusion: GaussianDiffusion, steps: str | int = "50",

@@ -1,0 +1,285 @@
+"""The 64² decoder's sampler (unCLIP §2.1): CLIP image embedding + text -> image, and inpainting.
+
+Conditioning (`decoder_cond`): the text projection turns (image_emb, text_emb, text_enc, text_mask) into the
+UNet's keyword arguments (encoder_hidden_states [B', 4+L, Dc], class_labels [B', Temb], attention_mask [B', 4+L]).
+Under classifier-free guidance B' = 2B, laid out [uncond; cond] as diffusers' `UnCLIPPipeline` does:
+  * the uncond image embedding is text_proj's learned CFG embedding;
+  * the uncond text is, by default, what training drops the text to (`train/stages.py::decoder_loss_fn`): zero
+    pooled embedding and token states, every text token masked. Pass `null_text` (a `prior_lib.TextCond`, e.g. the
+    CLIP encoding of the empty prompt "") to use diffusers'/Karlo's choice instead.
+A GLIDE text pathway (or any other) can hand `sample` its UNet kwargs directly (a Mapping, already [uncond; cond]).
+
+Sampling (`sample`): DDPM/DDIM over a respaced schedule ("25"), guidance on ε only with the learned variance taken
+from the cond half (`samplers.guide`), x̂0 clamped to ±1, and the output clamped to [-1, 1] (the pipeline's clamp).
+
+Inpainting (mask 1 = known pixel), two ways, chosen by `inpaint_method`:
+  * "glide" (models with conditioning="inpaint", 7 input channels): every step the UNet sees
+    cat([x_t, image·mask, mask]) (`unet.model_input`) and the known pixels are pasted into x̂0,
+    x̂0 = x̂0·(1-m) + image·m (GLIDE's inpainting notebook);
+  * "repaint" (any model, RePaint, Lugmayr et al. 2022): the known region of x_{t-1} is replaced by
+    q_sample(image, t-1) every step, with `resample_jumps` renoise/denoise repetitions per step
+    (`samplers.repaint_sample`). A model with the inpaint channels still gets them.
+  "auto" picks "glide" when the UNet has the inpaint channels, else "repaint".
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from unclip_jax.diffusion import samplers
+from unclip_jax.diffusion.gaussian import GaussianDiffusion
+from unclip_jax.models import unet as unet_lib
+from unclip_jax.models.text_proj import UnCLIPTextProj
+from unclip_jax.prior_lib import TextCond
+
+Params = Any
+IMAGE_CHANNELS = 3
+INPAINT_METHODS = ("auto", "glide", "repaint")
+NULL_TEXTS = ("zeros", "empty_prompt")
+UNET_KWARGS = ("encoder_hidden_states", "class_labels", "attention_mask")
+DEFAULT_SETTINGS = samplers.SamplerSettings(guidance_scale=8.0, clip_range=1.0)
+
+
+class DecoderCond(NamedTuple):
+  """Raw decoder conditioning (a pytree), the training batch's embedding fields.
+
+  image_emb: [B, E] CLIP image embeddings (unnormalised, e.g. the prior's output).
+  text_emb: [B, E] pooled CLIP text embeddings.
+  text_enc: [B, L, E] CLIP text token states.
+  text_mask: [B, L] bool, True on real tokens.
+  """
+  image_emb: jax.Array
+  text_emb: jax.Array
+  text_enc: jax.Array
+  text_mask: jax.Array
+
+
+def zeros_null_text(batch: int, length: int, dim: int) -> TextCond:
+  """The training null (decoder_loss_fn's text drop): zero embedding and token states, every token masked."""
+  return TextCond(jnp.zeros((batch, dim), jnp.float32), jnp.zeros((batch, length, dim), jnp.float32),
+                  jnp.zeros((batch, length), bool))
+
+
+def _broadcast_null(null: TextCond, batch: int, length: int, dim: int) -> TextCond:
+  """A null for one example ([E], [L, E], [L]), batch 1, or the whole batch -> [batch] rows, shapes checked."""
+  def fix(x, shape, name):
+    x = jnp.asarray(x)
+    if x.ndim == len(shape) - 1:
+      x = x[None]
+    if x.ndim != len(shape) or x.shape[1:] != shape[1:] or x.shape[0] not in (1, batch):
+      raise ValueError(f"null_text {name} must be {list(shape[1:])} or {list(shape)}, got {tuple(x.shape)}")
+    return jnp.broadcast_to(x, shape)
+  if null.mask is None:
+    raise ValueError(f"null_text mask is required ([{length}] or [{batch}, {length}] bool)")
+  return TextCond(fix(null.emb, (batch, dim), "embedding"), fix(null.enc, (batch, length, dim), "token states"),
+                  fix(null.mask, (batch, length), "mask").astype(bool))
+
+
+def check_cond(text_proj: UnCLIPTextProj, cond: DecoderCond) -> tuple[int, int]:
+  """Shape checks with messages naming the expected sizes. Returns (B, L)."""
+  e = text_proj.clip_embeddings_dim
+  if cond.text_mask is None:
+    raise ValueError("text_mask is required ([B, L] bool, True on real tokens)")
+  if cond.image_emb.ndim != 2 or cond.image_emb.shape[1] != e:
+    raise ValueError(f"image_emb must be [B, {e}], got {tuple(cond.image_emb.shape)}")
+  b = cond.image_emb.shape[0]
+  if cond.text_emb.shape != (b, e):
+    raise ValueError(f"text_emb must be [{b}, {e}], got {tuple(cond.text_emb.shape)}")
+  if cond.text_enc.ndim != 3 or cond.text_enc.shape[0] != b or cond.text_enc.shape[2] != e:
+    raise ValueError(f"text_enc must be [{b}, L, {e}], got {tuple(cond.text_enc.shape)}")
+  l = cond.text_enc.shape[1]
+  if cond.text_mask.shape != (b, l):
+    raise ValueError(f"text_mask must be [{b}, {l}], got {tuple(cond.text_mask.shape)}")
+  return b, l
+
+
+def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_emb: jax.Array, text_emb: jax.Array,
+                 text_enc: jax.Array, text_mask: jax.Array, guidance: bool,
+                 null_text: TextCond | None = None) -> dict[str, jax.Array]:
+  """UNet keyword arguments for the decoder, [uncond; cond] (2B rows) when `guidance`.
+
+  Args:
+    image_emb: [B, E]; text_emb: [B, E]; text_enc: [B, L, E]; text_mask: [B, L] bool (True = real token).
+    guidance: build the doubled batch; the uncond image embedding is text_proj's learned CFG embedding.
+    null_text: the uncond text (emb [E] or [B, E], enc [L, E] or [B, L, E], mask [L] or [B, L]); None = zeros
+      with an all-False mask, the null that decoder training drops text to.
+  Returns:
+    dict(encoder_hidden_states [B', 4+L, Dc], class_labels [B', Temb], attention_mask [B', 4+L] bool).
+  """
+  cond = DecoderCond(image_emb, text_emb, text_enc, text_mask)
+  b, l = check_cond(text_proj, cond)
+  emb, enc, mask = text_emb, text_enc, text_mask.astype(bool)
+  if guidance:
+    e = text_proj.clip_embeddings_dim
+    null = zeros_null_text(b, l, e) if null_text is None else _broadcast_null(null_text, b, l, e)
+    emb = jnp.concatenate([null.emb.astype(emb.dtype), emb])
+    enc = jnp.concatenate([null.enc.astype(enc.dtype), enc])
+    mask = jnp.concatenate([null.mask, mask])
+  return text_proj.apply({"params": params_text_proj}, image_embeddings=image_emb, prompt_embeds=emb,
+                         text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=guidance,
+                         method=UnCLIPTextProj.conditioning)
+
+
+# ---- inpainting inputs -------------------------------------------------------------------------------------------
+def conditioning_of(unet: unet_lib.UNet) -> str:
+  """"none" (3 input channels) or "inpaint" (GLIDE, 7); other decoders are not supported here."""
+  for name in ("none", "inpaint"):
+    if unet.in_channels == unet_lib.input_channels(IMAGE_CHANNELS, name):
+      return name
+  raise ValueError(f"decoder UNet has in_channels={unet.in_channels}; expected 3 (conditioning 'none') or 7 "
+                   "('inpaint': [x_t, image·mask, mask])")
+
+
+def check_inpaint(x_T: jax.Array, image: jax.Array | None, mask: jax.Array | None):
+  """Validates the inpainting inputs against x_T [B, H, W, C]. Returns (image [B, H, W, C], mask [B, H, W, 1])
+  as float32, or (None, None)."""
+  if (image is None) != (mask is None):
+    raise ValueError("pass both inpaint_image and inpaint_mask, or neither")
+  if image is None:
+    return None, None
+  b, hh, ww, c = x_T.shape
+  if tuple(image.shape) != (b, hh, ww, c):
+    raise ValueError(f"inpaint_image must be [B, H, W, C] = {[b, hh, ww, c]} (like x_T), got {tuple(image.shape)}")
+  if tuple(mask.shape) not in ((b, hh, ww, 1), (b, hh, ww)):
+    raise ValueError(f"inpaint_mask must be [B, H, W, 1] = {[b, hh, ww, 1]} or [B, H, W] = {[b, hh, ww]} "
+                     f"(1 = known pixel), got {tuple(mask.shape)}")
+  mask = mask.astype(jnp.float32)
+  return image.astype(jnp.float32), (mask[..., None] if mask.ndim == 3 else mask)
+
+
+def _tile_rows(x: jax.Array | None, rows: int) -> jax.Array | None:
+  """[B, ...] -> [rows, ...] by repeating the batch (the [uncond; cond] doubling)."""
+  if x is None or x.shape[0] == rows:
+    return x
+  if rows % x.shape[0]:
+    raise ValueError(f"cannot tile a batch of {x.shape[0]} to {rows} rows")
+  return jnp.tile(x, (rows // x.shape[0],) + (1,) * (x.ndim - 1))
+
+
+# ---- sampling ----------------------------------------------------------------------------------------------------
+def model_fn_for(unet: unet_lib.UNet, unet_params: Params, cond: Mapping[str, jax.Array], *,
+                 inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None):
+  """`model_fn(x [N, H, W, 3], t [N]) -> out [N, H, W, 6]` with the UNet kwargs `cond` (N rows) bound.
+
+  For `samplers.sample` / `samplers.ddim_invert`: with guidance bind the [uncond; cond] kwargs (N = 2B). A UNet with
+  the GLIDE inpaint channels gets cat([x, image·mask, mask]) (image [B, H, W, 3], mask [B, H, W, 1], repeated to N
+  rows; zeros when not given).
+  """
+  conditioning = conditioning_of(unet)
+  kwargs = {k: v for k, v in cond.items() if v is not None}
+  unknown = sorted(set(kwargs) - set(UNET_KWARGS))
+  if unknown:
+    raise ValueError(f"decoder conditioning has unknown UNet arguments {unknown}; expected {list(UNET_KWARGS)}")
+
+  def fn(x, t):
+    if conditioning == "inpaint":
+      x = unet_lib.model_input(x, conditioning="inpaint", inpaint_image=_tile_rows(inpaint_image, x.shape[0]),
+                               inpaint_mask=_tile_rows(inpaint_mask, x.shape[0]))
+    return unet.apply({"params": unet_params}, x, t, **kwargs)
+  return fn
+
+
+def _cond_rows(cond: Mapping[str, jax.Array]) -> int:
+  return next(v.shape[0] for k, v in cond.items() if v is not None)
+
+
+def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax.Array, rng: jax.Array, *,
+           unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None, diffusion: GaussianDiffusion,
+           steps: str | int = "25", settings: samplers.SamplerSettings = DEFAULT_SETTINGS,
+           null_text: TextCond | None = None, inpaint_image: jax.Array | None = None,
+           inpaint_mask: jax.Array | None = None, inpaint_method: str = "auto", resample_jumps: int = 1,
+           progress: Callable[[Any], None] | None = None, sharding=None) -> jax.Array:
+  """Samples 64² images (traceable; jit the caller, or use `make_sampler`).
+
+  Args:
+    params: the decoder stage's params {"unet": ..., "text_proj": ...} ("text_proj" unused for prebuilt kwargs).
+    cond: `DecoderCond` ([B] rows; built with `decoder_cond`), or prebuilt UNet kwargs (encoder_hidden_states,
+      class_labels, attention_mask) with 2B rows [uncond; cond] when guiding, B otherwise.
+    x_T: [B, H, W, 3] initial noise.
+    rng: per-step noise key: step i draws `samplers.step_noise(rng, i, x_T.shape, ...)` (RePaint:
+      `samplers.repaint_keys`).
+    settings: guidance_scale != 1 runs the doubled batch; guidance on ε, variance from the cond half.
+    null_text: uncond text for `DecoderCond` (default zeros, see `decoder_cond`).
+    inpaint_image: [B, H, W, 3] in [-1, 1]; inpaint_mask: [B, H, W, 1] or [B, H, W], 1 = known pixel.
+    inpaint_method: one of INPAINT_METHODS (see the module docstring); resample_jumps: RePaint's r >= 1.
+    progress, sharding: as in `samplers.sample`.
+  Returns:
+    [B, H, W, 3] float32 images in [-1, 1].
+  """
+  if x_T.ndim != 4 or x_T.shape[-1] != IMAGE_CHANNELS:
+    raise ValueError(f"x_T must be [B, H, W, {IMAGE_CHANNELS}] (NHWC), got {tuple(x_T.shape)}")
+  if unet.out_channels != diffusion.output_channels(IMAGE_CHANNELS):
+    raise ValueError(f"decoder out_channels={unet.out_channels} but variance {diffusion.variance!r} needs "
+                     f"{diffusion.output_channels(IMAGE_CHANNELS)}")
+  if inpaint_method not in INPAINT_METHODS:
+    raise ValueError(f"unknown inpaint_method {inpaint_method!r}; choose one of {INPAINT_METHODS}")
+  conditioning = conditioning_of(unet)
+  image, mask = check_inpaint(x_T, inpaint_image, inpaint_mask)
+  guidance = settings.guidance_scale != 1.0
+  b = x_T.shape[0]
+  if isinstance(cond, DecoderCond):
+    if text_proj is None:
+      raise ValueError("a DecoderCond needs text_proj; pass prebuilt UNet kwargs for other text pathways")
+    if cond.image_emb.shape[0] != b:
+      raise ValueError(f"conditioning has {cond.image_emb.shape[0]} rows but x_T has batch {b}")
+    kwargs = decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
+                          text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=guidance, null_text=null_text)
+  elif isinstance(cond, Mapping):
+    kwargs = dict(cond)
+    rows = 2 * b if guidance else b
+    if _cond_rows(kwargs) != rows:
+      raise ValueError(f"prebuilt UNet kwargs must have {rows} rows ({'[uncond; cond]' if guidance else 'B'}), "
+                       f"got {_cond_rows(kwargs)}")
+  else:
+    raise ValueError(f"cond must be a DecoderCond or a mapping of UNet kwargs, got {type(cond).__name__}")
+
+  method = inpaint_method
+  if method == "auto":
+    method = "glide" if conditioning == "inpaint" else "repaint"
+  if method == "glide" and conditioning != "inpaint":
+    raise ValueError("inpaint_method='glide' needs a UNet with the inpaint channels (conditioning='inpaint', "
+                     "7 input channels); use 'repaint' for this model")
+  model_fn = model_fn_for(unet, params["unet"], kwargs, inpaint_image=image, inpaint_mask=mask)
+  common = dict(diffusion=diffusion, steps=steps, settings=settings, progress=progress, sharding=sharding)
+  if image is None:
+    x0 = samplers.sample(model_fn, x_T, rng, **common)
+  elif method == "glide":
+    x0 = samplers.sample(model_fn, x_T, rng, denoised_fn=samplers.paste_known(image, mask), **common)
+  else:
+    x0 = samplers.repaint_sample(model_fn, x_T, rng, known=image, mask=mask, resample_jumps=resample_jumps,
+                                 **common)
+  return jnp.clip(x0, -1.0, 1.0)
+
+
+def settings_from_config(cfg) -> samplers.SamplerSettings:
+  """SamplerSettings from the decoder config's `sampling` block."""
+  return samplers.SamplerSettings.from_config(cfg.sampling)
+
+
+def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
+                 diffusion: GaussianDiffusion | None = None, *, progress: Callable[[Any], None] | None = None,
+                 sharding=None):
+  """A jitted `(params, cond, x_T, rng, null_text=None, inpaint_image=None, inpaint_mask=None) -> [B, H, W, 3]`.
+
+  Uses cfg.sampling (steps, sampler, guidance, clipping; optional `inpaint_method` "auto" and `resample_jumps` 1)
+  and cfg.null_text ("zeros" default; "empty_prompt" requires `null_text`, the CLIP encoding of "").
+  """
+  diffusion = diffusion or GaussianDiffusion.from_config(cfg.diffusion)
+  settings = settings_from_config(cfg)
+  null_choice = cfg.get("null_text", "zeros")
+  if null_choice not in NULL_TEXTS:
+    raise ValueError(f"unknown null_text {null_choice!r}; choose one of {NULL_TEXTS}")
+  inpaint_method = cfg.sampling.get("inpaint_method", "auto")
+  resample_jumps = int(cfg.sampling.get("resample_jumps", 1))
+
+  def run(params, cond, x_T, rng, null_text=None, inpaint_image=None, inpaint_mask=None):
+    if (null_text is None and null_choice == "empty_prompt" and settings.guidance_scale != 1.0
+        and isinstance(cond, DecoderCond)):
+      raise ValueError("null_text='empty_prompt' needs null_text (the CLIP encoding of the empty prompt)")
+    return sample(params, cond, x_T, rng, unet=unet, text_proj=text_proj, diffusion=diffusion,
+                  steps=cfg.sampling.steps, settings=settings, null_text=null_text, inpaint_image=inpaint_image,
+                  inpaint_mask=inpaint_mask, inpaint_method=inpaint_method, resample_jumps=resample_jumps,
+                  progress=progress, sharding=sharding)
+  return jax.jit(run)
