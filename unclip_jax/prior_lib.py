@@ -163,7 +163,7 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
            diffusion: GaussianDiffusion, steps: str | int = "25",
            settings: samplers.SamplerSettings = samplers.SamplerSettings(guidance_scale=4.0, clip_range=5.0),
            num_candidates: int = 2, null_cond: TextCond | None = None, x_T: jax.Array | None = None,
-           return_all: bool = False):
+           return_all: bool = False, progress=None):
   """Samples CLIP image embeddings for text conditioning `cond` (traceable; jit the caller).
 
   Args:
@@ -175,6 +175,7 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
     null_cond: the uncond branch's conditioning (default: `null_text_cond`; pass what training used).
     x_T: optional initial noise [num_candidates·B, E], candidate-major (row k·B + b is candidate k of prompt b).
     return_all: also return all candidates [n, B, E] (CLIP space) and their scores [n, B].
+    progress: optional per-step callback (e.g. `samplers.ProgressBar`), as in `samplers.sample`.
   Returns:
     [B, E] float32 image embeddings in CLIP space (de-normalised), or (best, candidates, scores).
   """
@@ -196,7 +197,7 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
   else:
     bound = conds
   x0 = samplers.sample(model_fn_for(model, params, bound), x_T, noise_rng, diffusion=diffusion, steps=steps,
-                       settings=settings)                                                        # [n·B, E]
+                       settings=settings, progress=progress)                                                        # [n·B, E]
   emb = model.apply({"params": params}, x0, method=PriorTransformer.denormalize).reshape(n, b, e)
   scores = jnp.einsum("nbe,be->nb", _unit(emb), _unit(cond.emb.astype(jnp.float32)))
   best = jnp.take_along_axis(emb, jnp.argmax(scores, axis=0)[None, :, None], axis=0)[0]         # [B, E]

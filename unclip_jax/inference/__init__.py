@@ -1,0 +1,1 @@
+"""Sampling pipelines: text -> CLIP -> prior -> decoder -> upsamplers, and the unCLIP image manipulations."""

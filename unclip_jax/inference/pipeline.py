@@ -1,0 +1,400 @@
+"""The unCLIP text-to-image chain over a model bundle: text -> CLIP -> prior -> decoder -> upsampler(s).
+
+  prompts ─tokenizer (host)─► ids [B, 77] ─CLIP text tower─► text_emb [B, E], text_enc [B, 77, D], mask [B, 77]
+          ─prior (CFG on x̂0, best of n by cos with text_emb)─► image_emb [B, E]
+          ─text_proj + decoder UNet (CFG on ε)─► [B, 64, 64, 3] ─super_res_first (+ super_res_last on the final
+          step)─► [B, 256, 256, 3] in [-1, 1]
+
+Each stage is one jitted function (one `lax.scan` over its steps, guidance batched as [uncond; cond]) compiled once
+per batch shape. Randomness is explicit: `StageNoise` holds each stage's initial noise and step-noise key, so a run
+can be replayed exactly (or fed the noise a peer implementation drew). `UnCLIP.generate` derives it from a seed:
+batch j uses `fold_in(key(seed), j)`, so outputs depend on the seed and the batch size.
+
+The uncond branch of each guided stage sees what that model was trained with: the stage config's `null_text`
+("zeros": zero text, every token masked; "empty_prompt": the CLIP encoding of "", as Karlo / diffusers).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from unclip_jax import decoder_lib, prior_lib, upsampler_lib
+from unclip_jax.diffusion import samplers, schedules
+from unclip_jax.diffusion.gaussian import GaussianDiffusion
+
+log = logging.getLogger(__name__)
+
+Params = Any
+SAMPLING_STAGES = ("prior", "decoder", "super_res")
+REQUIRED_COMPONENTS = ("clip", "prior", "decoder")
+
+
+def to_uint8(images) -> np.ndarray:
+  """[..., 3] floats in [-1, 1] -> uint8 (round half to even, clipped)."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def from_uint8(images) -> np.ndarray:
+  """uint8 [..., 3] -> float32 in [-1, 1]."""
+  return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def with_sampling_overrides(cfg: mlc.ConfigDict, overrides: Mapping[str, Any] | None) -> mlc.ConfigDict:
+  """A copy of a stage config with `sampling.<key>` (and the prior's `num_candidates`) replaced.
+
+  Raises KeyError naming an unknown key (a misspelt setting is never ignored)."""
+  cfg = mlc.ConfigDict(cfg.to_dict())
+  for key, value in (overrides or {}).items():
+    if value is None:
+      continue
+    if key == "num_candidates" and "num_candidates" in cfg:
+      cfg.num_candidates = int(value)
+    elif key in cfg.sampling:
+      cfg.sampling[key] = str(value) if key == "steps" else value
+    else:
+      raise KeyError(f"unknown {cfg.get('stage')} sampling setting {key!r}; known: {sorted(cfg.sampling)}")
+  return cfg
+
+
+def num_steps(cfg) -> int:
+  """How many sampler steps a stage config's respacing spec visits."""
+  table = schedules.step_table(GaussianDiffusion.from_config(cfg.diffusion).schedule, cfg.sampling.steps,
+                               cfg.sampling.get("single_step_beta", "ratio"))
+  return len(table.timesteps)
+
+
+@dataclasses.dataclass
+class StageNoise:
+  """All the randomness of one batch. x_T None = drawn from the stage's key; rng = that stage's step-noise key
+  (step i of a stage draws `samplers.step_noise(rng, i, shape)`; the prior splits its key as `prior_lib.sample`)."""
+  prior_rng: jax.Array
+  decoder_rng: jax.Array
+  super_res_rng: jax.Array
+  decoder_x_T: jax.Array | None = None
+  super_res_x_T: jax.Array | None = None
+  prior_x_T: jax.Array | None = None
+
+  @classmethod
+  def from_key(cls, key: jax.Array) -> "StageNoise":
+    k = jax.random.split(key, 3)
+    return cls(prior_rng=k[0], decoder_rng=k[1], super_res_rng=k[2])
+
+
+@dataclasses.dataclass
+class TextEncoding:
+  """CLIP text conditioning of a batch: emb [B, E], enc [B, L, D] (token states), mask [B, L] bool."""
+  emb: jax.Array
+  enc: jax.Array
+  mask: jax.Array
+
+  def as_prior_cond(self) -> prior_lib.TextCond:
+    return prior_lib.TextCond(self.emb, self.enc, self.mask)
+
+  def take(self, index) -> "TextEncoding":
+    return TextEncoding(self.emb[index], self.enc[index], self.mask[index])
+
+
+@dataclasses.dataclass
+class Generation:
+  """Output of `UnCLIP.generate`: images in prompt order (prompt-major, then image index)."""
+  images: np.ndarray               # [N, H, W, 3] uint8
+  prompt_index: list[int]          # which prompt each image is for
+  clip_scores: list[float | None]  # 100·cos(text, image) of the kept candidate (reranking), else None
+  settings: dict[str, Any]         # per-stage sampler settings, seed, batch size
+
+
+class UnCLIP:
+  """A loaded bundle with one jitted sampler per stage.
+
+  Args:
+    components: {"clip", "prior", "decoder", "super_res_first"[, "super_res_last"]: (stage config, params)}; the
+      upsampler is optional (then images stay at the decoder's size).
+    sampling: per-stage overrides {"prior" | "decoder" | "super_res": {"steps": "25", "sampler": "ddim", "eta": 0.0,
+      "guidance_scale": 4.0, ...}}; the prior also takes "num_candidates".
+    dtype: compute dtype of every model (params stay float32).
+    progress: show a progress bar per stage (from inside the jitted scans; results are unchanged).
+  """
+
+  def __init__(self, components: Mapping[str, tuple[mlc.ConfigDict, Params]], *,
+               sampling: Mapping[str, Mapping[str, Any]] | None = None, dtype: str = "float32",
+               progress: bool = False):
+    from unclip_jax.data import tokenizer as tokenizer_lib
+    from unclip_jax.models import clip as clip_lib, prior as prior_model, text_proj as text_proj_lib
+    from unclip_jax.models import unet as unet_lib
+
+    missing = [c for c in REQUIRED_COMPONENTS if c not in components]
+    if missing:
+      raise ValueError(f"the pipeline needs components {list(REQUIRED_COMPONENTS)}; missing {missing}")
+    sampling = dict(sampling or {})
+    unknown = sorted(set(sampling) - set(SAMPLING_STAGES))
+    if unknown:
+      raise KeyError(f"unknown sampling stage(s) {unknown}; choose from {SAMPLING_STAGES}")
+    self.dtype = jnp.dtype(dtype)
+    self.progress = progress
+
+    clip_cfg, self.clip_params = components["clip"]
+    self.clip = clip_lib.from_config(clip_cfg.model, dtype=self.dtype, remat=False)
+    if self.clip.config.text is None:
+      raise ValueError("the bundle's clip component has no text tower")
+    self.tokenizer = tokenizer_lib.CLIPTokenizer(context_length=self.clip.config.text.context_length)
+
+    self.prior_cfg = with_sampling_overrides(components["prior"][0], sampling.get("prior"))
+    self.prior_params = components["prior"][1]
+    self.prior = prior_model.from_config(self.prior_cfg.model, dtype=self.dtype, remat=False)
+    if self.prior.num_embeddings != self.clip.config.text.context_length:
+      raise ValueError(f"prior expects {self.prior.num_embeddings} text tokens but CLIP's context length is "
+                       f"{self.clip.config.text.context_length}")
+
+    self.decoder_cfg = with_sampling_overrides(components["decoder"][0], sampling.get("decoder"))
+    if self.decoder_cfg.model.get("text_encoder", "text_proj") != "text_proj":
+      raise ValueError("the unCLIP pipeline conditions the decoder through text_proj (CLIP embeddings); this "
+                       f"decoder uses the {self.decoder_cfg.model.text_encoder!r} text pathway")
+    self.decoder_params = components["decoder"][1]
+    self.unet = unet_lib.from_config(self.decoder_cfg.model, dtype=self.dtype, remat="none")
+    self.text_proj = text_proj_lib.from_config(self.decoder_cfg.model, dtype=self.dtype)
+
+    self.sr_cfg = None
+    if "super_res_first" in components:
+      self.sr_cfg = with_sampling_overrides(components["super_res_first"][0], sampling.get("super_res"))
+      self.sr_first = components["super_res_first"][1]
+      self.sr_last = components["super_res_last"][1] if "super_res_last" in components else None
+      if self.sr_last is None:
+        self.sr_cfg.last_step_model = False
+      self.sr_unet = unet_lib.from_config(self.sr_cfg.model, dtype=self.dtype, remat="none")
+    elif sampling.get("super_res"):
+      raise ValueError("super_res sampling settings given but the bundle has no super_res_first component")
+    self._build()
+
+  # ---- construction ------------------------------------------------------------------------------------------------
+  @classmethod
+  def from_bundle(cls, path: str | pathlib.Path, **kwargs) -> "UnCLIP":
+    """Loads every component of a bundle folder (see `unclip_jax.bundle`)."""
+    from unclip_jax import bundle
+
+    path = pathlib.Path(path)
+    if not path.is_dir():
+      raise FileNotFoundError(f"model bundle not found: {path}")
+    present = bundle.list_components(path)
+    missing = [c for c in REQUIRED_COMPONENTS if c not in present]
+    if missing:
+      raise FileNotFoundError(f"bundle {path} lacks component(s) {missing} (has {present}); a text-to-image "
+                              f"bundle needs {list(REQUIRED_COMPONENTS)} and optionally super_res_first/last")
+    return cls({name: bundle.load_component(path, name) for name in present}, **kwargs)
+
+  def _bar(self, cfg, desc: str):
+    return samplers.ProgressBar(num_steps(cfg), desc=desc) if self.progress else None
+
+  def _build(self) -> None:
+    from unclip_jax.models.clip import CLIP
+
+    clip = self.clip
+    self._encode_text = jax.jit(lambda p, ids: clip.apply({"params": p}, ids, method=CLIP.encode_text))
+    if clip.config.vision is not None:
+      self._encode_image = jax.jit(lambda p, px: clip.apply({"params": p}, px, method=CLIP.encode_image)[0])
+
+    pc = self.prior_cfg
+    prior_diffusion = GaussianDiffusion.from_config(pc.diffusion)
+    prior_settings = prior_lib.settings_from_config(pc)
+    prior_bar = self._bar(pc, "prior")
+
+    def prior_fn(params, cond, rng, null, x_T):
+      return prior_lib.sample(params, cond, rng, model=self.prior, diffusion=prior_diffusion, steps=pc.sampling.steps,
+                              settings=prior_settings, num_candidates=int(pc.num_candidates), null_cond=null,
+                              x_T=x_T, progress=prior_bar)
+    self._prior = jax.jit(prior_fn)
+
+    dc = self.decoder_cfg
+    dec_diffusion = GaussianDiffusion.from_config(dc.diffusion)
+    dec_settings = decoder_lib.settings_from_config(dc)
+    dec_bar = self._bar(dc, "decoder")
+    self._dec_diffusion, self._dec_steps = dec_diffusion, dc.sampling.steps
+
+    def decoder_fn(params, cond, x_T, rng, null, inpaint_image, inpaint_mask):
+      return decoder_lib.sample(params, cond, x_T, rng, unet=self.unet, text_proj=self.text_proj,
+                                diffusion=dec_diffusion, steps=dc.sampling.steps, settings=dec_settings,
+                                null_text=null, inpaint_image=inpaint_image, inpaint_mask=inpaint_mask,
+                                inpaint_method=dc.sampling.get("inpaint_method", "auto"),
+                                resample_jumps=int(dc.sampling.get("resample_jumps", 1)), progress=dec_bar)
+    self._decoder = jax.jit(decoder_fn)
+
+    def invert_fn(params, cond, x0):
+      kwargs = decoder_lib.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
+                                        text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask,
+                                        guidance=False)
+      model_fn = decoder_lib.model_fn_for(self.unet, params["unet"], kwargs)
+      return samplers.ddim_invert(model_fn, x0, diffusion=dec_diffusion, steps=dc.sampling.steps)
+    self._invert = jax.jit(invert_fn)
+
+    if self.sr_cfg is not None:
+      sc = self.sr_cfg
+      sr_diffusion = GaussianDiffusion.from_config(sc.diffusion)
+      sr_settings = upsampler_lib.settings_from_config(sc)
+      sr_bar = self._bar(sc, "super-res")
+
+      def sr_fn(first, last, low_res, x_T, rng):
+        return upsampler_lib.sample(first, last, low_res, x_T, rng, unet=self.sr_unet, diffusion=sr_diffusion,
+                                    steps=sc.sampling.steps, settings=sr_settings,
+                                    resize_method=sc.model.get("resize_method", "bicubic"), progress=sr_bar)
+      self._super_res = jax.jit(sr_fn)
+
+  def with_sampling(self, **stages: Mapping[str, Any]) -> "UnCLIP":
+    """A pipeline sharing these weights whose named stages use other sampler settings, e.g.
+    `pipe.with_sampling(decoder={"sampler": "ddim", "eta": 0.0})`; built once per distinct setting and cached."""
+    unknown = sorted(set(stages) - set(SAMPLING_STAGES))
+    if unknown:
+      raise KeyError(f"unknown sampling stage(s) {unknown}; choose from {SAMPLING_STAGES}")
+    key = repr(sorted((k, sorted(v.items())) for k, v in stages.items()))
+    cache = self.__dict__.setdefault("_variants", {})
+    if key not in cache:
+      clone = copy.copy(self)
+      clone._variants = {}
+      for stage, overrides in stages.items():
+        attr = {"prior": "prior_cfg", "decoder": "decoder_cfg", "super_res": "sr_cfg"}[stage]
+        if getattr(self, attr) is None:
+          raise ValueError(f"the bundle has no {stage} stage")
+        setattr(clone, attr, with_sampling_overrides(getattr(self, attr), overrides))
+      clone._build()
+      cache[key] = clone
+    return cache[key]
+
+  # ---- sizes -------------------------------------------------------------------------------------------------------
+  @property
+  def decoder_size(self) -> int:
+    return int(self.decoder_cfg.model.image_size)
+
+  @property
+  def image_size(self) -> int:
+    """The final output side (the upsampler's, else the decoder's)."""
+    return int(self.sr_cfg.model.image_size) if self.sr_cfg is not None else self.decoder_size
+
+  @property
+  def has_image_encoder(self) -> bool:
+    return self.clip.config.vision is not None
+
+  def settings(self) -> dict[str, Any]:
+    """The sampler settings every stage runs with (for the per-image JSON)."""
+    out = {"prior": dict(self.prior_cfg.sampling.to_dict(), num_candidates=int(self.prior_cfg.num_candidates),
+                         null_text=self.prior_cfg.get("null_text", "zeros")),
+           "decoder": dict(self.decoder_cfg.sampling.to_dict(), null_text=self.decoder_cfg.get("null_text", "zeros"))}
+    if self.sr_cfg is not None:
+      out["super_res"] = dict(self.sr_cfg.sampling.to_dict(), last_step_model=bool(self.sr_cfg.last_step_model))
+    return out
+
+  # ---- stages ------------------------------------------------------------------------------------------------------
+  def encode_text(self, prompts: Sequence[str]) -> TextEncoding:
+    """CLIP text encodings of a list of prompts (unknown characters are byte-encoded; long prompts truncated)."""
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    ids, mask = self.tokenizer.tokenize(list(prompts))
+    emb, enc = self._encode_text(self.clip_params, jnp.asarray(ids))
+    return TextEncoding(emb, enc, jnp.asarray(mask))
+
+  def encode_image(self, images: Sequence[np.ndarray]) -> jax.Array:
+    """CLIP image embeddings [B, E] of uint8 RGB images of any size (CLIP preprocessing: resize, centre crop)."""
+    from unclip_jax.data import image_processing
+
+    if not self.has_image_encoder:
+      raise ValueError("the bundle's clip component has no image tower (needed for variations, interpolation, "
+                       "text diffs and reranking)")
+    size = self.clip.config.vision.image_size
+    return self._encode_image(self.clip_params, jnp.asarray(image_processing.preprocess(images, size=size,
+                                                                                        crop_size=size)))
+
+  def _null(self, cfg, batch: int) -> TextEncoding | None:
+    if cfg.get("null_text", "zeros") != "empty_prompt":
+      return None
+    e = self.encode_text([""])
+    return TextEncoding(*(jnp.repeat(x, batch, axis=0) for x in (e.emb, e.enc, e.mask)))
+
+  def sample_prior(self, text: TextEncoding, rng: jax.Array, x_T: jax.Array | None = None) -> jax.Array:
+    """CLIP image embeddings [B, E] for the text (x_T: [num_candidates·B, E], candidate-major)."""
+    null = self._null(self.prior_cfg, text.emb.shape[0])
+    return self._prior(self.prior_params, text.as_prior_cond(), rng, None if null is None else null.as_prior_cond(),
+                       x_T)
+
+  def decoder_cond(self, image_emb: jax.Array, text: TextEncoding) -> decoder_lib.DecoderCond:
+    return decoder_lib.DecoderCond(image_emb, text.emb, text.enc, text.mask)
+
+  def decode(self, image_emb: jax.Array, text: TextEncoding, rng: jax.Array, x_T: jax.Array | None = None, *,
+             inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None) -> jax.Array:
+    """Decoder images [B, s, s, 3] in [-1, 1] (s = decoder size) from image embeddings and text."""
+    b = image_emb.shape[0]
+    if x_T is None:
+      x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (b, self.decoder_size, self.decoder_size, 3))
+    null = self._null(self.decoder_cfg, b)
+    null = None if null is None else null.as_prior_cond()
+    return self._decoder(self.decoder_params, self.decoder_cond(image_emb, text), x_T, rng, null, inpaint_image,
+                         inpaint_mask)
+
+  def invert(self, images: jax.Array, image_emb: jax.Array, text: TextEncoding) -> jax.Array:
+    """DDIM (η = 0) inversion of decoder-size images [B, s, s, 3] in [-1, 1] -> x_T, conditioned on image_emb."""
+    return self._invert(self.decoder_params, self.decoder_cond(image_emb, text), images)
+
+  def upsample(self, low_res: jax.Array, rng: jax.Array, x_T: jax.Array | None = None) -> jax.Array:
+    """Super-resolution of decoder outputs (identity when the bundle has no upsampler)."""
+    if self.sr_cfg is None:
+      return low_res
+    if x_T is None:
+      size = self.image_size
+      x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (low_res.shape[0], size, size, 3))
+    return self._super_res(self.sr_first, self.sr_last, low_res, x_T, rng)
+
+  def run(self, text: TextEncoding, noise: StageNoise, *, image_emb: jax.Array | None = None) -> dict[str, jax.Array]:
+    """The whole chain for one batch: {"image_emb", "low_res", "images"} (images in [-1, 1])."""
+    if image_emb is None:
+      image_emb = self.sample_prior(text, noise.prior_rng, noise.prior_x_T)
+    low_res = self.decode(image_emb, text, noise.decoder_rng, noise.decoder_x_T)
+    images = self.upsample(low_res, noise.super_res_rng, noise.super_res_x_T)
+    return {"image_emb": image_emb, "low_res": low_res, "images": images}
+
+  # ---- text to image -----------------------------------------------------------------------------------------------
+  def generate(self, prompts: Sequence[str], *, seed: int = 0, images_per_prompt: int = 1, batch_size: int = 8,
+               candidates: int = 1) -> Generation:
+    """Text to images: `images_per_prompt` images per prompt, prompt-major order.
+
+    candidates > 1 draws that many images per output and keeps the one with the highest CLIP score with its
+    prompt (DALL-E 2's reranking; needs the clip component's image tower). Batches of `batch_size` rows (the last
+    one padded, so each stage compiles once).
+    """
+    prompts = list(prompts)
+    if not prompts:
+      raise ValueError("no prompts given")
+    if any(not isinstance(p, str) for p in prompts):
+      raise TypeError("prompts must be strings")
+    for name, v in (("images_per_prompt", images_per_prompt), ("batch_size", batch_size), ("candidates", candidates)):
+      if int(v) < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    if candidates > 1 and not self.has_image_encoder:
+      raise ValueError("candidates > 1 reranks with CLIP's image tower, which this bundle's clip component lacks")
+    rows = [p for p in range(len(prompts)) for _ in range(images_per_prompt * candidates)]
+    text_all = self.encode_text(prompts)
+    outputs = []
+    base = jax.random.key(seed)
+    for j, start in enumerate(range(0, len(rows), batch_size)):
+      idx = rows[start:start + batch_size]
+      padded = np.asarray(idx + [idx[-1]] * (batch_size - len(idx)))
+      out = self.run(text_all.take(padded), StageNoise.from_key(jax.random.fold_in(base, j)))
+      outputs.append(np.asarray(out["images"])[:len(idx)])
+      log.info("batch %d: %d images", j, len(idx))
+    images = np.concatenate(outputs)
+    scores: list[float | None] = [None] * (len(rows) // candidates)
+    if candidates > 1:
+      from unclip_jax.models import clip_zeroshot
+
+      img_emb = np.asarray(self.encode_image(list(to_uint8(images))))
+      groups = img_emb.reshape(len(rows) // candidates, candidates, -1)
+      text_emb = np.asarray(text_all.emb)[np.asarray(rows[::candidates])]
+      order, best = clip_zeroshot.rerank(jnp.asarray(text_emb), jnp.asarray(groups))
+      keep = np.asarray(order)[:, 0]
+      images = images.reshape(len(keep), candidates, *images.shape[1:])[np.arange(len(keep)), keep]
+      scores = [float(s) for s in np.asarray(best)[:, 0]]
+    return Generation(images=to_uint8(images), prompt_index=rows[::candidates], clip_scores=scores,
+                      settings=dict(self.settings(), seed=seed, batch_size=batch_size, candidates=candidates))

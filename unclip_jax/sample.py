@@ -1,0 +1,206 @@
+"""`python -m unclip_jax.sample`: text to images with an unCLIP bundle, and the image manipulations.
+
+  python -m unclip_jax.sample --prompt "a red circle on a white background" --out DIR [--bundle B] [--seed 0]
+  python -m unclip_jax.sample --prompts-file prompts.txt --out DIR [--images-per-prompt 2] [--candidates 4]
+  python -m unclip_jax.sample variations  --image IMG [--n 4] [--eta 1.0] --out DIR
+  python -m unclip_jax.sample interpolate --image A --image-b B [--n 5] [--latent slerp|fixed] --out DIR
+  python -m unclip_jax.sample text-diff   --image IMG --caption "..." --target "..." [--n 5] --out DIR
+  python -m unclip_jax.sample inpaint     --image IMG --mask MASK --prompt "..." [--n 1] --out DIR
+
+--bundle is a folder written by `python -m unclip_jax.convert` (a converted Karlo folder, or our trained stages);
+without it the model embedded in the package is used. Per-stage sampler settings (--prior-steps 25,
+--prior-guidance 4.0, --decoder-steps 25, --decoder-guidance 8.0, --sr-steps 7, --*-sampler ddpm|ddim, --*-eta)
+default to the bundle's configs. Writes 0000.png, 0001.png, ... in order (one per image, at the final size),
+0000.json ... with the prompt and every setting of that image, and grid.png. Prompts files: one prompt a line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+COMMANDS = ("generate", "variations", "interpolate", "text-diff", "inpaint")
+DEFAULT_BUNDLE = pathlib.Path(__file__).resolve().parent / "assets" / "default_bundle"
+
+
+def _stage_flags(p: argparse.ArgumentParser) -> None:
+  for stage, flag in (("prior", "prior"), ("decoder", "decoder"), ("super_res", "sr")):
+    p.add_argument(f"--{flag}-steps", dest=f"{stage}.steps", default=None, help=f"{stage} respacing, e.g. 25, ddim50")
+    p.add_argument(f"--{flag}-sampler", dest=f"{stage}.sampler", choices=("ddpm", "ddim"), default=None)
+    p.add_argument(f"--{flag}-eta", dest=f"{stage}.eta", type=float, default=None, help="DDIM η")
+    if stage != "super_res":
+      p.add_argument(f"--{flag}-guidance", dest=f"{stage}.guidance_scale", type=float, default=None,
+                     help="classifier-free guidance scale")
+
+
+def parser() -> argparse.ArgumentParser:
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--out", required=True, help="output folder (created)")
+  common.add_argument("--bundle", default=None, help="model bundle folder (default: the embedded model)")
+  common.add_argument("--seed", type=int, default=0)
+  common.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                      help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+  common.add_argument("--no-progress", action="store_true", help="hide the per-stage progress bars")
+  common.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+  _stage_flags(common)
+  p = argparse.ArgumentParser(prog="python -m unclip_jax.sample", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  sub = p.add_subparsers(dest="command", required=True)
+  g = sub.add_parser("generate", parents=[common], help="text to images (the default command)")
+  src = g.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", help="one prompt")
+  src.add_argument("--prompts-file", help="text file, one prompt per line (blank lines skipped)")
+  g.add_argument("--images-per-prompt", type=int, default=1)
+  g.add_argument("--batch-size", type=int, default=8)
+  g.add_argument("--candidates", type=int, default=1, help="draw N per image and keep the best CLIP score")
+  v = sub.add_parser("variations", parents=[common], help="variations of an image")
+  v.add_argument("--image", required=True)
+  v.add_argument("--n", type=int, default=4)
+  v.add_argument("--eta", type=float, default=1.0, help="DDIM η of the decoder (0 reconstructs the image)")
+  i = sub.add_parser("interpolate", parents=[common], help="interpolate between two images")
+  i.add_argument("--image", required=True)
+  i.add_argument("--image-b", required=True)
+  i.add_argument("--n", type=int, default=5)
+  i.add_argument("--latent", choices=("slerp", "fixed"), default="slerp")
+  t = sub.add_parser("text-diff", parents=[common], help="edit an image toward a caption change")
+  t.add_argument("--image", required=True)
+  t.add_argument("--caption", required=True, help="what the image shows now")
+  t.add_argument("--target", required=True, help="what it should show")
+  t.add_argument("--n", type=int, default=5)
+  t.add_argument("--max-theta", type=float, default=0.5)
+  n = sub.add_parser("inpaint", parents=[common], help="fill the masked-out region from a prompt")
+  n.add_argument("--image", required=True)
+  n.add_argument("--mask", required=True, help="mask image of the same size: white = keep, black = fill")
+  n.add_argument("--prompt", required=True)
+  n.add_argument("--n", type=int, default=1)
+  return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+    argv = ["generate"] + argv
+  return parser().parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+  if args.prompt is not None:
+    prompts = [args.prompt]
+  else:
+    path = pathlib.Path(args.prompts_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"prompts file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+  if not prompts:
+    raise ValueError(f"no prompts in {args.prompts_file}" if args.prompt is None else "the prompt is empty")
+  return prompts
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+  out: dict[str, dict[str, Any]] = {}
+  for key, value in vars(args).items():
+    if "." in key and value is not None:
+      stage, field = key.split(".")
+      out.setdefault(stage, {})[field] = value
+  return out
+
+
+def resolve_dtype(name: str) -> str:
+  if name != "auto":
+    return name
+  import jax
+
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def write_outputs(out: pathlib.Path, images: np.ndarray, metas: list[dict], grid: bool = True) -> list[pathlib.Path]:
+  """0000.png + 0000.json per image (in order) and grid.png."""
+  from PIL import Image
+
+  from unclip_jax.train.loop import image_grid
+
+  out.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for k, (image, meta) in enumerate(zip(images, metas)):
+    path = out / f"{k:04d}.png"
+    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    (out / f"{k:04d}.json").write_text(json.dumps(meta, indent=1, default=str))
+    paths.append(path)
+  if grid and len(images):
+    Image.fromarray(image_grid(np.asarray(images, np.float32) / 127.5 - 1.0)).save(out / "grid.png")
+  return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.WARNING)
+  try:
+    return _run(args)
+  except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+  from unclip_jax.inference import manipulations as M
+
+  # Every input is read and checked before any model is loaded or run.
+  inputs: dict[str, Any] = {}
+  if args.command == "generate":
+    inputs["prompts"] = read_prompts(args)
+    for name in ("images_per_prompt", "batch_size", "candidates"):
+      if getattr(args, name) < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  else:
+    inputs["image"] = M.load_image(args.image)
+    if args.command == "interpolate":
+      inputs["image_b"] = M.load_image(args.image_b)
+    if args.command == "inpaint":
+      inputs["mask"] = M.load_mask(args.mask, inputs["image"].shape)
+    if args.n < 1:
+      raise ValueError(f"--n must be >= 1, got {args.n}")
+  bundle_path = pathlib.Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+  if args.bundle is None and not bundle_path.is_dir():
+    raise FileNotFoundError(f"no --bundle given and this installation has no embedded default model at "
+                            f"{bundle_path}; convert one with `python -m unclip_jax.convert`")
+
+  from unclip_jax.inference.pipeline import UnCLIP
+
+  pipe = UnCLIP.from_bundle(bundle_path, sampling=sampling_overrides(args), dtype=resolve_dtype(args.dtype),
+                            progress=not args.no_progress)
+  base = dict(command=args.command, bundle=str(bundle_path), seed=args.seed, settings=pipe.settings())
+  out = pathlib.Path(args.out)
+  if args.command == "generate":
+    result = pipe.generate(inputs["prompts"], seed=args.seed, images_per_prompt=args.images_per_prompt,
+                           batch_size=args.batch_size, candidates=args.candidates)
+    metas = [dict(base, index=k, prompt=inputs["prompts"][p], prompt_index=p, clip_score=s,
+                  batch_size=args.batch_size, candidates=args.candidates)
+             for k, (p, s) in enumerate(zip(result.prompt_index, result.clip_scores))]
+    images = result.images
+  elif args.command == "variations":
+    images = M.variations(pipe, inputs["image"], args.n, eta=args.eta, seed=args.seed)
+    metas = [dict(base, index=k, image=args.image, eta=args.eta) for k in range(len(images))]
+  elif args.command == "interpolate":
+    images = M.interpolate(pipe, inputs["image"], inputs["image_b"], args.n, latent=args.latent, seed=args.seed)
+    metas = [dict(base, index=k, images=[args.image, args.image_b], theta=k / (args.n - 1), latent=args.latent)
+             for k in range(len(images))]
+  elif args.command == "text-diff":
+    images = M.text_diff(pipe, inputs["image"], args.caption, args.target, args.n, max_theta=args.max_theta,
+                         seed=args.seed)
+    metas = [dict(base, index=k, image=args.image, caption=args.caption, target=args.target,
+                  theta=args.max_theta * k / max(args.n - 1, 1)) for k in range(len(images))]
+  else:
+    images = M.inpaint(pipe, inputs["image"], inputs["mask"], args.prompt, args.n, seed=args.seed)
+    metas = [dict(base, index=k, image=args.image, mask=args.mask, prompt=args.prompt) for k in range(len(images))]
+  paths = write_outputs(out, images, metas, grid=not args.no_grid)
+  print(json.dumps({"written": len(paths), "out": str(out), "size": int(images.shape[1])}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
