@@ -8,7 +8,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "vit_b32", "vit_l14")
+VARIANTS = ("tiny", "vit_b32", "vit_l14", "shapes")
 
 
 def get_config(arg: str = ""):
@@ -30,6 +30,17 @@ def get_config(arg: str = ""):
     c.model.projection_dim = 512
     c.model.text.update(width=512, heads=8, mlp_dim=2048)
     c.model.vision.update(patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072)
+  if variant == "shapes":
+    # The embedded default (issue: embedded model): CLIP for 32² captioned shapes, trained from scratch.
+    c.model.projection_dim = 64
+    c.model.text.update(width=64, layers=2, heads=4, mlp_dim=256, context_length=16)
+    c.model.vision.update(image_size=32, patch_size=4, width=64, layers=3, heads=4, mlp_dim=256)
+    c.batch_size = 128
+    c.num_train_steps = 1500
+    c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.05, ema_decay=0.99)
+    c.eval_every, c.eval_examples = 500, 64
+    c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
   if variant == "tiny":
     c.model.projection_dim = 32
     c.model.text.update(vocab_size=99, width=32, layers=2, heads=4, mlp_dim=37, context_length=16)

@@ -13,7 +13,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo", "glide")
+VARIANTS = ("tiny", "karlo", "glide", "shapes")
 
 
 def get_config(arg: str = ""):
@@ -43,6 +43,17 @@ def get_config(arg: str = ""):
     c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512, text_encoder="glide")
     c.sampling.update(steps="100", guidance_scale=3.0)
     c.text_drop_prob = 0.2          # GLIDE: 20% of captions replaced by the empty token sequence
+  if variant == "shapes":
+    c.model.update(image_size=32, block_out_channels=(32, 64, 96), layers_per_block=1,
+                   attention_levels=(False, True, True), head_dim=32, cross_attention_dim=64,
+                   clip_embedding_dim=64, norm_num_groups=8, dropout=0.0)
+    c.sampling.update(steps="25", guidance_scale=3.0)
+    c.batch_size = 32
+    c.num_train_steps = 4000
+    c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
+    c.eval_every, c.eval_examples = 2000, 16
+    c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
   if variant == "tiny":
     c.model.update(image_size=16, block_out_channels=(16, 32, 48), layers_per_block=2,
                    attention_levels=(False, True, True), head_dim=8, cross_attention_dim=24,

@@ -3,7 +3,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo")
+VARIANTS = ("tiny", "karlo", "shapes")
 
 
 def get_config(arg: str = ""):
@@ -30,6 +30,15 @@ def get_config(arg: str = ""):
   c.num_candidates = 2            # draw n, keep the one with the highest dot product with the text embedding
   # clip_mean/clip_std are data statistics: frozen (and never weight-decayed, see train/optim.py).
   c.optim.update(lr=1.1e-4, weight_decay=6e-2, frozen=("clip_mean", "clip_std"))
+  if variant == "shapes":
+    c.model.update(embedding_dim=64, num_embeddings=16, num_layers=4, num_heads=4, head_dim=32)
+    c.batch_size = 128
+    c.num_train_steps = 3000
+    c.stats_examples = 4096
+    c.optim.update(lr=5e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999)
+    c.eval_every, c.eval_examples = 1000, 64
+    c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
   if variant == "tiny":
     c.model.update(embedding_dim=32, num_embeddings=16, num_layers=2, num_heads=2, head_dim=12)
     c.diffusion.timesteps = 1000

@@ -7,7 +7,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo_64_256", "paper_256_1024")
+VARIANTS = ("tiny", "karlo_64_256", "paper_256_1024", "shapes")
 
 
 def get_config(arg: str = ""):
@@ -34,6 +34,18 @@ def get_config(arg: str = ""):
     c.model.update(low_res_size=256, image_size=1024, block_out_channels=(192, 192, 384, 384, 768, 768),
                    attention_levels=(False,) * 6, layers_per_block=2)
     c.degradation = "bsr"
+  if variant == "shapes":
+    c.model.update(low_res_size=32, image_size=64, block_out_channels=(32, 64), attention_levels=(False, False),
+                   layers_per_block=1, norm_num_groups=8)
+    c.sampling.update(steps="7")
+    c.crop_fraction = 0.5
+    c.last_step_model = False
+    c.batch_size = 32
+    c.num_train_steps = 1500
+    c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
+    c.eval_every, c.eval_examples = 500, 16
+    c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
   if variant == "tiny":
     c.model.update(low_res_size=16, image_size=32, block_out_channels=(16, 32, 48),
                    attention_levels=(False,) * 3, layers_per_block=2, norm_num_groups=8)

@@ -43,8 +43,8 @@ def _cfg(stage, dirs, **overrides):
 @pytest.mark.parametrize("stage,data,overrides", [
     ("prior", ("emb",), {"stats_examples": 8, "eval_every": 2, "sampling.steps": "5"}),
     ("ar_prior", ("emb",), {"stats_examples": 16, "eval_every": 2}),
-    ("decoder", ("images", "emb"), {"model.image_size": 32}),
-    ("upsampler", ("images",), {}),
+    ("decoder", ("images", "emb"), {"model.image_size": 32, "eval_every": 2, "sampling.steps": "3"}),
+    ("upsampler", ("images",), {"eval_every": 2, "sampling.steps": "3"}),
     ("clip", ("images",), {"model.text.vocab_size": 49408, "model.vision.image_size": 32,
                            "model.vision.patch_size": 8, "eval_every": 2}),
 ])
@@ -62,6 +62,8 @@ def test_stage_trains_and_checkpoints(stage, data, overrides, datasets, tmp_path
   if cfg.eval_every:
     evaluated = task.evaluate(state.ema_params)
     assert evaluated and all(np.isfinite(np.asarray(v)).all() for v in evaluated.values())
+    if "samples" in evaluated:                     # the decoder's and upsampler's image grids were written
+      assert (tmp_path / stage / "samples" / "samples_0000002.png").is_file()
 
 
 def test_prior_clip_statistics_come_from_the_data(datasets):

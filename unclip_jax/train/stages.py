@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 
 from unclip_jax.data import pipeline
@@ -217,9 +218,13 @@ def decoder_loss_fn(params, batch, rng, *, unet, text_proj, diffusion: GaussianD
   return loss, {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms.get("vb", terms["mse"]))}
 
 
-def decoder_task(cfg, data: Iterator[dict] | None = None, mesh=None) -> Task:
+def decoder_task(cfg, data: Iterator[dict] | None = None, eval_data: Iterator[dict] | None = None,
+                 mesh=None) -> Task:
   from unclip_jax.models import text_proj as text_proj_lib, unet as unet_lib
 
+  if cfg.model.get("text_encoder", "text_proj") != "text_proj":
+    raise ValueError(f"decoder training conditions through text_proj on precomputed CLIP embeddings; "
+                     f"text_encoder={cfg.model.text_encoder!r} is supported for import and sampling only")
   unet = unet_lib.from_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat_policy)
   text_proj = text_proj_lib.from_config(cfg.model, dtype=cfg.dtype)
   diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -232,10 +237,25 @@ def decoder_task(cfg, data: Iterator[dict] | None = None, mesh=None) -> Task:
     u_rng, t_rng = jax.random.split(rng)
     return {"unet": unet_lib.init_params(unet, u_rng), "text_proj": text_proj_lib.init_params(text_proj, t_rng)}
 
+  evaluate = None
+  held = _eval_batch(cfg, eval_data, cfg.model.image_size, ("image",) + EMBEDDING_KEYS)
+  if held is not None:
+    from unclip_jax import decoder_lib
+
+    sampler = decoder_lib.make_sampler(cfg, unet, text_proj, diffusion)
+    cond = decoder_lib.DecoderCond(held["image_emb"], held["text_emb"], held["text_enc"], held["text_mask"])
+    x_T = jax.random.normal(jax.random.key(cfg.seed + 2), held["image"].shape)
+
+    def evaluate(params):
+      """Samples for the held examples' CLIP embeddings, shown beside the real images (top row)."""
+      images = sampler(params, cond, x_T, jax.random.key(cfg.seed + 3))
+      return {"samples": jnp.concatenate([held["image"], images]),
+              "sample_mse": jnp.mean((images - held["image"]) ** 2)}
+
   loss_fn = functools.partial(decoder_loss_fn, unet=unet, text_proj=text_proj, diffusion=diffusion,
                               clip_drop_prob=cfg.clip_drop_prob, text_drop_prob=cfg.text_drop_prob)
   return Task(init_params=init_params, loss_fn=loss_fn,
-              data=MappedIterator(data, lambda b: _select(b, ("image",) + EMBEDDING_KEYS)))
+              data=MappedIterator(data, lambda b: _select(b, ("image",) + EMBEDDING_KEYS)), evaluate=evaluate)
 
 
 # ---- upsampler --------------------------------------------------------------------------------------------------
@@ -255,7 +275,8 @@ def upsampler_loss_fn(params, batch, rng, *, unet, diffusion: GaussianDiffusion,
   return loss, {"loss": loss}
 
 
-def upsampler_task(cfg, data: Iterator[dict] | None = None, mesh=None) -> Task:
+def upsampler_task(cfg, data: Iterator[dict] | None = None, eval_data: Iterator[dict] | None = None,
+                   mesh=None) -> Task:
   from unclip_jax.data import degradations
   from unclip_jax.models import unet as unet_lib
 
@@ -264,11 +285,33 @@ def upsampler_task(cfg, data: Iterator[dict] | None = None, mesh=None) -> Task:
   unet = unet_lib.from_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat_policy)
   diffusion = GaussianDiffusion.from_config(cfg.diffusion)
   data = data if data is not None else _data_iterator(cfg, cfg.model.image_size)
+  evaluate = None
+  held = _eval_batch(cfg, eval_data, cfg.model.image_size, ("image",))
+  if held is not None:
+    from unclip_jax import upsampler_lib
+
+    if cfg.get("last_step_model", False):
+      logging.info("upsampler evaluation samples every step with the model being trained (no last-step model)")
+    eval_cfg = mlc.ConfigDict(cfg.to_dict())
+    eval_cfg.last_step_model = False
+    sampler = upsampler_lib.make_sampler(eval_cfg, unet, diffusion)
+    low = cfg.model.low_res_size
+    low_res = jax.image.resize(held["image"], (held["image"].shape[0], low, low, 3), "bicubic")
+    x_T = jax.random.normal(jax.random.key(cfg.seed + 2), held["image"].shape)
+
+    def evaluate(params):
+      """Full-size upsampling of the held images' clean low-res versions (rows: bicubic, ours, target)."""
+      images = sampler(params, None, low_res, x_T, jax.random.key(cfg.seed + 3))
+      bicubic = jax.image.resize(low_res, images.shape, "bicubic")
+      mse = jnp.mean((images - held["image"]) ** 2)
+      return {"samples": jnp.concatenate([jnp.clip(bicubic, -1, 1), images, held["image"]]),
+              "psnr": 10 * jnp.log10(4.0 / mse), "bicubic_psnr": 10 * jnp.log10(4.0 / jnp.mean((bicubic - held["image"]) ** 2))}
+
   loss_fn = functools.partial(upsampler_loss_fn, unet=unet, diffusion=diffusion,
                               make_pair=degradations.training_pair_from_config(cfg),
                               conditioning=cfg.model.conditioning, resize_method=cfg.model.resize_method)
   return Task(init_params=lambda rng: unet_lib.init_params(unet, rng), loss_fn=loss_fn,
-              data=MappedIterator(data, lambda b: _select(b, ("image",))))
+              data=MappedIterator(data, lambda b: _select(b, ("image",))), evaluate=evaluate)
 
 
 # ---- CLIP -------------------------------------------------------------------------------------------------------

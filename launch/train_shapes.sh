@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Trains the embedded default model from scratch: the synthetic captioned-shapes data, then every stage with
+# `python -m unclip_jax.train`, then a bundle. CPU-sized (configs/*.py:shapes); a GPU just runs it faster.
+#   bash launch/train_shapes.sh [OUT_DIR]          (default runs/shapes; BUNDLE=dir to choose where the bundle goes)
+# Steps, each timed in OUT_DIR/times.json:
+#   1. data      two shapes datasets of N (20000) 64x64 images: "full" (every colour x shape pair) for CLIP, and
+#                "train" without the HOLDOUT pairs for the prior, decoder and upsampler (zero-shot composition)
+#   2. clip      contrastive CLIP on "full" (32x32 inputs)
+#   3. embed     CLIP embeddings of "train", precomputed once (python -m unclip_jax.data.precompute)
+#   4. prior     diffusion prior on the embeddings
+#   5. decoder   32x32 decoder on "train" + embeddings
+#   6. upsampler 32 -> 64 super-resolution on "train"
+#   7. bundle    EMA weights of every stage -> BUNDLE (python -m unclip_jax.convert from-training), fp16
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="${1:-$root/runs/shapes}"
+bundle="${BUNDLE:-$out/bundle}"
+n="${N:-20000}"
+holdout="${HOLDOUT:-red triangle,green circle,blue square,purple triangle}"
+py="${UNCLIP_VENV:-$root/.venv}/bin/python"
+[[ -x "$py" ]] || py="$(bash "$root/launch/setup_env.sh" | tail -n 1)/bin/python"
+export PYTHONUNBUFFERED=1 UNCLIP_JAX_CACHE="${UNCLIP_JAX_CACHE:-$root/.jax_cache}"
+mkdir -p "$out"
+cd "$root"
+times="$out/times.json"; [[ -f "$times" ]] || echo "{}" > "$times"
+step() {   # step NAME COMMAND...: runs once (skipped when OUT/.done.NAME exists), logs to OUT/NAME.log, times it
+  local name="$1"; shift
+  if [[ -f "$out/.done.$name" ]]; then echo "[$name] done before, skipping"; return; fi
+  echo "[$name] $*"
+  local start; start=$(date +%s)
+  "$@" > "$out/$name.log" 2>&1 || { echo "[$name] failed; see $out/$name.log" >&2; tail -n 30 "$out/$name.log" >&2; exit 1; }
+  local secs=$(( $(date +%s) - start ))
+  "$py" -c "import json,sys; p=sys.argv[1]; d=json.load(open(p)); d[sys.argv[2]]=int(sys.argv[3]); json.dump(d, open(p,'w'), indent=1)" "$times" "$name" "$secs"
+  touch "$out/.done.$name"
+  echo "[$name] ${secs}s"
+}
+data="$out/data"
+full="$data/image_text/full/1.0.0"; train="$data/image_text/train/1.0.0"; emb="$data/embeddings/train_clip/1.0.0"
+step data bash -c "'$py' -m unclip_jax.data.shapes --out '$data' --n $n --size 64 --name full --seed 0 --overwrite && \
+  '$py' -m unclip_jax.data.shapes --out '$data' --n $n --size 64 --name train --seed 1 --holdout '$holdout' --overwrite"
+step clip "$py" -m unclip_jax.train --config=configs/clip.py:shapes --workdir="$out/clip" \
+  --config.data.dirs="('$full',)"
+step embed "$py" -m unclip_jax.data.precompute --data "$train" --clip "$out/clip" --out "$data" --name train_clip \
+  --batch-size 256 --overwrite
+step prior "$py" -m unclip_jax.train --config=configs/prior.py:shapes --workdir="$out/prior" --config.data.dirs="('$emb',)"
+step decoder "$py" -m unclip_jax.train --config=configs/decoder.py:shapes --workdir="$out/decoder" \
+  --config.data.dirs="('$train', '$emb')"
+step upsampler "$py" -m unclip_jax.train --config=configs/upsampler.py:shapes --workdir="$out/upsampler" \
+  --config.data.dirs="('$train',)"
+step bundle bash -c "for c in clip:clip prior:prior decoder:decoder upsampler:super_res_first; do \
+  '$py' -m unclip_jax.convert from-training --workdir '$out/\${c%%:*}' --component \${c##*:} --dtype float16 '$bundle' || exit 1; done"
+echo "bundle: $bundle"; cat "$times"
