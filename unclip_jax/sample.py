@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
   v.add_argument("--image", required=True)
   v.add_argument("--n", type=int, default=4)
   v.add_argument("--eta", type=float, default=1.0, help="DDIM η of the decoder (0 reconstructs the image)")
+  v.add_argument("--latent", choices=("inverted", "noise"), default="inverted",
+                 help="inverted: the image's DDIM latent (paper); noise: fresh noise (diffusers' variation pipeline)")
   i = sub.add_parser("interpolate", parents=[common], help="interpolate between two images")
   i.add_argument("--image", required=True)
   i.add_argument("--image-b", required=True)
@@ -183,8 +185,8 @@ def _run(args: argparse.Namespace) -> int:
              for k, (p, s) in enumerate(zip(result.prompt_index, result.clip_scores))]
     images = result.images
   elif args.command == "variations":
-    images = M.variations(pipe, inputs["image"], args.n, eta=args.eta, seed=args.seed)
-    metas = [dict(base, index=k, image=args.image, eta=args.eta) for k in range(len(images))]
+    images = M.variations(pipe, inputs["image"], args.n, eta=args.eta, seed=args.seed, latent=args.latent)
+    metas = [dict(base, index=k, image=args.image, eta=args.eta, latent=args.latent) for k in range(len(images))]
   elif args.command == "interpolate":
     images = M.interpolate(pipe, inputs["image"], inputs["image_b"], args.n, latent=args.latent, seed=args.seed)
     metas = [dict(base, index=k, images=[args.image, args.image_b], theta=k / (args.n - 1), latent=args.latent)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unclip_jax.inference.pipeline import TextEncoding, UnCLIP, from_uint8, to_uint8
+from unclip_jax.inference.pipeline import StageNoise, TextEncoding, UnCLIP, from_uint8, to_uint8
 
 
 def slerp(a: jax.Array, b: jax.Array, theta) -> jax.Array:
@@ -60,7 +60,8 @@ def _ddim(pipe: UnCLIP, eta: float) -> UnCLIP:
   return pipe.with_sampling(decoder={"sampler": "ddim", "eta": float(eta)})
 
 
-def _empty_text(pipe: UnCLIP, n: int) -> TextEncoding:
+def empty_text(pipe: UnCLIP, n: int) -> TextEncoding:
+  """The empty prompt's CLIP encoding, n rows (the decoder text of every manipulation but inpainting)."""
   e = pipe.encode_text([""])
   return TextEncoding(*(jnp.repeat(x, n, axis=0) for x in (e.emb, e.enc, e.mask)))
 
@@ -70,7 +71,7 @@ def bipartite_latent(pipe: UnCLIP, image) -> tuple[jax.Array, jax.Array]:
   arr = _as_rgb_array(image, "image")
   z = pipe.encode_image([arr])
   small = jnp.asarray(from_uint8(resize(arr, pipe.decoder_size)))[None]
-  return z, pipe.invert(small, z, _empty_text(pipe, 1))
+  return z, pipe.invert(small, z, empty_text(pipe, 1))
 
 
 def _finish(pipe: UnCLIP, z: jax.Array, x_T: jax.Array, text: TextEncoding, seed: int, eta: float) -> np.ndarray:
@@ -79,12 +80,23 @@ def _finish(pipe: UnCLIP, z: jax.Array, x_T: jax.Array, text: TextEncoding, seed
   return to_uint8(pipe.upsample(low, jax.random.fold_in(key, 1)))
 
 
-def variations(pipe: UnCLIP, image, n: int = 4, *, eta: float = 1.0, seed: int = 0) -> np.ndarray:
-  """n variations of an image: its (z_i, x_T) decoded with DDIM at η > 0 (η = 0 reconstructs the image)."""
+def variations(pipe: UnCLIP, image, n: int = 4, *, eta: float = 1.0, seed: int = 0,
+               latent: str = "inverted") -> np.ndarray:
+  """n variations of an image.
+
+  latent="inverted" (the paper): its bipartite latent (z_i, x_T) decoded with DDIM at `eta` (η > 0 for variety;
+  η = 0 reconstructs the image). latent="noise" (diffusers' UnCLIPImageVariationPipeline): z_i with fresh x_T and
+  the decoder's configured sampler.
+  """
   if n < 1:
     raise ValueError(f"n must be >= 1, got {n}")
+  if latent not in ("inverted", "noise"):
+    raise ValueError(f"latent must be 'inverted' or 'noise', got {latent!r}")
+  if latent == "noise":
+    z = jnp.repeat(pipe.encode_image([_as_rgb_array(image, "image")]), n, 0)
+    return to_uint8(pipe.run(empty_text(pipe, n), StageNoise.from_key(jax.random.key(seed)), image_emb=z)["images"])
   z, x_T = bipartite_latent(pipe, image)
-  return _finish(pipe, jnp.repeat(z, n, 0), jnp.repeat(x_T, n, 0), _empty_text(pipe, n), seed, eta)
+  return _finish(pipe, jnp.repeat(z, n, 0), jnp.repeat(x_T, n, 0), empty_text(pipe, n), seed, eta)
 
 
 def interpolate(pipe: UnCLIP, image_a, image_b, n: int = 5, *, latent: str = "slerp", seed: int = 0) -> np.ndarray:
@@ -101,7 +113,7 @@ def interpolate(pipe: UnCLIP, image_a, image_b, n: int = 5, *, latent: str = "sl
     x_T = slerp(xa.reshape(-1), xb.reshape(-1), theta).reshape((n,) + xa.shape[1:])
   else:
     x_T = jnp.repeat(jax.random.normal(jax.random.key(seed + 1), xa.shape), n, 0)
-  return _finish(pipe, z, x_T, _empty_text(pipe, n), seed, 0.0)
+  return _finish(pipe, z, x_T, empty_text(pipe, n), seed, 0.0)
 
 
 def text_diff(pipe: UnCLIP, image, caption: str, target: str, n: int = 5, *, max_theta: float = 0.5,
@@ -119,7 +131,7 @@ def text_diff(pipe: UnCLIP, image, caption: str, target: str, n: int = 5, *, max
     raise ValueError(f"caption {caption!r} and target {target!r} have the same CLIP text embedding")
   z_d = d / jnp.linalg.norm(d) * jnp.linalg.norm(z[0])          # the direction only; keep the image's norm
   frames = slerp(z[0], z_d, jnp.linspace(0.0, max_theta, n))
-  return _finish(pipe, frames, jnp.repeat(x_T, n, 0), _empty_text(pipe, n), seed, 0.0)
+  return _finish(pipe, frames, jnp.repeat(x_T, n, 0), empty_text(pipe, n), seed, 0.0)
 
 
 def inpaint(pipe: UnCLIP, image, mask, prompt: str, n: int = 1, *, seed: int = 0, paste: bool = True) -> np.ndarray:
