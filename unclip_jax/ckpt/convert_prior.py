@@ -69,6 +69,9 @@ def diffusers_config_from_model(model_cfg) -> dict[str, Any]:
 
 
 def _abstract_flat(model_cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Shapes of the looped (unscanned) tree: the layout every converter reads and writes."""
+  if model_cfg.get("scan_layers", False):
+    model_cfg = mlc.ConfigDict({**model_cfg.to_dict(), "scan_layers": False})
   model = prior_lib.from_config(model_cfg, dtype="float32", remat=False)
   return tl.flat_shapes(prior_lib.abstract_params(model))
 

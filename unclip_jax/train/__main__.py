@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -18,6 +19,7 @@ flags.DEFINE_string("compilation_cache", os.environ.get("UNCLIP_JAX_CACHE", ""),
                     "persistent XLA compilation cache directory ('' disables)")
 flags.mark_flags_as_required(["config", "workdir"])
 
+PREEMPTED_EXIT_CODE = 143     # 128 + SIGTERM, what an uncaught SIGTERM would have given
 _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
@@ -60,6 +62,11 @@ def main(argv):
   mesh = mesh_lib.make_mesh(dict(cfg.mesh))
   task = stages.make_task(cfg, mesh=mesh)
   state = loop.train(cfg, flags.FLAGS.workdir, task, mesh=mesh)
+  if int(state.step) < cfg.num_train_steps:
+    # Stopped early by SIGTERM (preemption): the checkpoint is saved; a non-zero status tells schedulers and
+    # scripts the run is not finished (rerunning the same command resumes it).
+    logging.warning("stopped %s at step %d of %d; rerun to resume", cfg.stage, int(state.step), cfg.num_train_steps)
+    sys.exit(PREEMPTED_EXIT_CODE)
   logging.info("finished %s at step %d", cfg.stage, int(state.step))
 
 
