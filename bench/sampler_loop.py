@@ -86,7 +86,12 @@ def main():
   parser.add_argument("--hidden", type=int, default=2048)
   parser.add_argument("--steps", type=int, default=25)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--torch-threads", type=int, default=1,
+                      help="torch intra-op threads (1: torch's pool does not fight XLA's for the same cores)")
   args = parser.parse_args()
+  import torch
+
+  torch.set_num_threads(args.torch_threads)
 
   params = _mlp_params(args.dim, args.hidden)
   rng = np.random.default_rng(1)
@@ -97,7 +102,7 @@ def main():
   model_flops = args.steps * 2 * (2 * args.batch) * ((args.dim + 1) * args.hidden + args.hidden * args.dim)
   device = jax.devices()[0].device_kind
   print(f"\nsampler loop, {args.steps} steps, guidance batched, batch {args.batch}, MLP {args.dim}->{args.hidden}, "
-        f"device: {device}")
+        f"device: {device}, torch threads: {args.torch_threads}")
   print("| implementation | s / batch | steps / s | model GFLOP / batch | XLA GFLOP / step | compile s | ratio |")
   print("|---|---|---|---|---|---|---|")
   print(f"| diffusers UnCLIPScheduler + torch loop | {ref:.4f} | {args.steps / ref:.0f} | {model_flops / 1e9:.2f} "
