@@ -49,9 +49,9 @@ def get_config(arg: str = ""):
                    clip_embedding_dim=64, norm_num_groups=8, dropout=0.0)
     c.sampling.update(steps="25", guidance_scale=3.0)
     c.batch_size = 32
-    c.num_train_steps = 4000
+    c.num_train_steps = 3000
     c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
-    c.eval_every, c.eval_examples = 2000, 16
+    c.eval_every, c.eval_examples = 1000, 16
     c.log_every, c.ckpt_every = 100, 1000
     c.dtype = "float32"
   if variant == "tiny":

@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
   if variant == "shapes":
     c.model.update(embedding_dim=64, num_embeddings=16, num_layers=4, num_heads=4, head_dim=32)
     c.batch_size = 128
-    c.num_train_steps = 3000
+    c.num_train_steps = 2000
     c.stats_examples = 4096
     c.optim.update(lr=5e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999)
     c.eval_every, c.eval_examples = 1000, 64

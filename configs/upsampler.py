@@ -41,7 +41,7 @@ def get_config(arg: str = ""):
     c.crop_fraction = 0.5
     c.last_step_model = False
     c.batch_size = 32
-    c.num_train_steps = 1500
+    c.num_train_steps = 1000
     c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
     c.eval_every, c.eval_examples = 500, 16
     c.log_every, c.ckpt_every = 100, 1000

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -238,3 +239,20 @@ def test_frozen_parameters_and_weight_decay_mask():
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(jnp.max(jnp.abs(updates["clip_std"]))) == 0.0
   assert float(jnp.max(jnp.abs(updates["proj"]["kernel"]))) > 0.0
+
+
+def test_ema_warmup_follows_the_weights_early():
+  """With warmup the n-th EMA update uses min(decay, (1+n)/(10+n)); without it a constant decay."""
+  n = jnp.arange(4)
+  np.testing.assert_allclose(step_lib.ema_decay_at(0.999, n, True), [0.1, 2 / 11, 3 / 12, 4 / 13], rtol=1e-6)
+  np.testing.assert_allclose(step_lib.ema_decay_at(0.5, jnp.asarray(1000), True), 0.5)
+  np.testing.assert_allclose(step_lib.ema_decay_at(0.999, n, False), [0.999] * 4, rtol=1e-7)
+  params = {"w": jnp.zeros(3)}
+  loss = lambda p, batch, rng: (jnp.sum((p["w"] - 1.0) ** 2), {})
+  tx = optax.sgd(0.25)
+  for warmup, want_ema in ((True, 0.9 * 0.5), (False, 0.001 * 0.5)):   # w: 0 -> 0.5 after one step
+    state = state_lib.TrainState.create(params, tx)
+    step = jax.jit(step_lib.make_train_step(loss, tx, ema_decay=0.999, ema_warmup=warmup))
+    state, _ = step(state, {}, jax.random.key(0))
+    np.testing.assert_allclose(state.params["w"], 0.5, rtol=1e-6)
+    np.testing.assert_allclose(state.ema_params["w"], want_ema, rtol=1e-4)

@@ -304,14 +304,15 @@ def _read_manifest_or_none(root: pathlib.Path):
 
 # ---- training checkpoints ---------------------------------------------------------------------------------------
 def export_from_training(workdir: PathLike, bundle_root: PathLike, component: str, *, step: int | None = None,
-                         dtype: str | None = None) -> tuple[mlc.ConfigDict, Params]:
-  """Latest (or `step`) orbax checkpoint in WORKDIR/checkpoints -> EMA params + the saved config -> a component.
+                         dtype: str | None = None, which: str = "ema_params") -> tuple[mlc.ConfigDict, Params]:
+  """Latest (or `step`) orbax checkpoint in WORKDIR/checkpoints -> EMA params (or the raw ones, `which="params"`,
+  e.g. for a run stopped before its EMA caught up) + the saved config -> a component.
 
   The run's config must be of the component's stage (decoder params are {"unet", "text_proj"}). Returns the
   exported (config, params).
   """
   stage = _check_name(component)
-  params, config, meta = _restore_training(workdir, step)
+  params, config, meta = _restore_training(workdir, step, which)
   cfg = config_from_dict(config)
   if cfg.get("stage") != stage:
     raise ValueError(f"{workdir}: the run trained stage {cfg.get('stage')!r}; component {component!r} needs a "
@@ -323,8 +324,8 @@ def export_from_training(workdir: PathLike, bundle_root: PathLike, component: st
   return cfg, params
 
 
-def _restore_training(workdir: PathLike, step: int | None):
-  """-> (EMA params as numpy, config dict, meta dict with 'step')."""
+def _restore_training(workdir: PathLike, step: int | None, which: str = "ema_params"):
+  """-> (EMA or raw params as numpy, config dict, meta dict with 'step')."""
   from unclip_jax.ckpt import manager
 
   directory = pathlib.Path(workdir)
@@ -339,8 +340,10 @@ def _restore_training(workdir: PathLike, step: int | None):
   finally:
     mngr.close()
   if hasattr(manager, "restore_params"):
-    params, config, meta = manager.restore_params(ckpt_dir, step=chosen, which="ema_params")
+    params, config, meta = manager.restore_params(ckpt_dir, step=chosen, which=which)
   else:
+    if which != "ema_params":
+      raise ValueError("this unclip_jax's checkpoint manager cannot restore raw params")
     params, config, meta = _restore_with_abstract_state(ckpt_dir, chosen)
   meta = dict(meta or {}, step=chosen)
   return jax.tree.map(np.asarray, params), config, meta

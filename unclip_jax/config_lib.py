@@ -78,7 +78,7 @@ def base_config(stage: str) -> mlc.ConfigDict:
   c.batch_size = 256
   c.num_train_steps = 1_000_000
   c.optim = mlc.ConfigDict(dict(lr=1e-4, warmup_steps=10_000, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-                                grad_clip=1.0, ema_decay=0.9999, grad_accum=1, final_lr_fraction=0.0,
+                                grad_clip=1.0, ema_decay=0.9999, ema_warmup=True, grad_accum=1, final_lr_fraction=0.0,
                                 frozen=()))   # regexes of parameter paths that are never updated
   # Datasets written by `python -m unclip_jax.data.build` (several dirs are zipped by index, e.g. images +
   # their precomputed CLIP embeddings).

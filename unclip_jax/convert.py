@@ -406,9 +406,11 @@ def import_glide(src, out, *, head_dim: int = 64, text_heads: int | None = None,
 
 
 # ---- from-training ----------------------------------------------------------------------------------------------
-def import_training(workdir, out, component: str, *, step: int | None = None, dtype: str | None = None):
-  cfg, params = bundle.export_from_training(workdir, out, component, step=step, dtype=dtype)
-  return [_report(component, len(bundle.flatten_params(params)), params, f"EMA params, stage {cfg.stage}")]
+def import_training(workdir, out, component: str, *, step: int | None = None, dtype: str | None = None,
+                    which: str = "ema_params"):
+  cfg, params = bundle.export_from_training(workdir, out, component, step=step, dtype=dtype, which=which)
+  kind = "EMA params" if which == "ema_params" else "raw (non-EMA) params"
+  return [_report(component, len(bundle.flatten_params(params)), params, f"{kind}, stage {cfg.stage}")]
 
 
 # ---- exports ----------------------------------------------------------------------------------------------------
@@ -626,7 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--component", required=True, choices=bundle.COMPONENTS)
   s.add_argument("--step", type=int, default=None)
   s.add_argument("--dtype", **dtype)
-  s.set_defaults(func=lambda a: import_training(a.workdir, a.out, a.component, step=a.step, dtype=a.dtype))
+  s.add_argument("--params", choices=("ema", "raw"), default="ema",
+                 help="the EMA weights (default) or the raw ones (a short run whose EMA has not caught up)")
+  s.set_defaults(func=lambda a: import_training(a.workdir, a.out, a.component, step=a.step, dtype=a.dtype,
+                                                which="ema_params" if a.params == "ema" else "params"))
 
   s = sub.add_parser("to-diffusers", help="bundle -> diffusers component folders")
   s.add_argument("bundle")

@@ -224,7 +224,8 @@ def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) 
       partitioning.assert_sufficiently_sharded(state.params, cfg.sharding_tolerance, min_bytes=cfg.fsdp_min_bytes)
 
     step_fn = make_train_step(task.loss_fn, tx, ema_decay=cfg.optim.ema_decay, grad_accum=int(cfg.optim.grad_accum),
-                              lr_schedule=optim.learning_rate_schedule(cfg))
+                              lr_schedule=optim.learning_rate_schedule(cfg),
+                              ema_warmup=bool(cfg.optim.get("ema_warmup", False)))
     start = int(state.step)
     end = cfg.num_train_steps if max_steps is None else min(cfg.num_train_steps, start + max_steps)
     if start >= end:
