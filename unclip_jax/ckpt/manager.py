@@ -121,7 +121,7 @@ def restore_params(directory, *, step: int | None = None, which: str = "ema_para
   """
   if which not in ("ema_params", "params"):
     raise ValueError(f"which must be 'ema_params' or 'params', got {which!r}")
-  directory = pathlib.Path(directory)
+  directory = pathlib.Path(directory).absolute()          # orbax wants absolute paths
   if (directory / "checkpoints").is_dir():
     directory = directory / "checkpoints"
   if not directory.is_dir():
