@@ -329,42 +329,6 @@ def _restore_training(workdir: PathLike, step: int | None, which: str = "ema_par
   from unclip_jax.ckpt import manager
 
   directory = pathlib.Path(workdir)
-  ckpt_dir = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
-  if not ckpt_dir.is_dir():
+  if not directory.is_dir():
     raise FileNotFoundError(f"no training checkpoints at {directory / 'checkpoints'}")
-  mngr = manager.CheckpointManager(ckpt_dir, async_save=False)
-  try:
-    chosen = mngr.latest_step() if step is None else step
-    if chosen is None or chosen not in mngr.all_steps():
-      raise FileNotFoundError(f"no checkpoint {'' if step is None else f'for step {step} '}in {ckpt_dir}")
-  finally:
-    mngr.close()
-  if hasattr(manager, "restore_params"):
-    params, config, meta = manager.restore_params(ckpt_dir, step=chosen, which=which)
-  else:
-    if which != "ema_params":
-      raise ValueError("this unclip_jax's checkpoint manager cannot restore raw params")
-    params, config, meta = _restore_with_abstract_state(ckpt_dir, chosen)
-  meta = dict(meta or {}, step=chosen)
-  return jax.tree.map(np.asarray, params), config, meta
-
-
-def _restore_with_abstract_state(ckpt_dir: pathlib.Path, step: int):
-  """Fallback restore through CheckpointManager.restore: the abstract TrainState is rebuilt from the config."""
-  from unclip_jax.ckpt import manager
-  from unclip_jax.train import optim
-  from unclip_jax.train.state import TrainState
-
-  mngr = manager.CheckpointManager(ckpt_dir, async_save=False)
-  try:
-    config = mngr.restore_config(step)
-    cfg = config_from_dict(config)
-    abstract = abstract_params(cfg)
-    tx = optim.make_optimizer(cfg)
-    abstract_state = jax.eval_shape(lambda p: TrainState.create(p, tx), abstract)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state, meta = mngr.restore(manager.abstract_with_shardings(abstract_state, jax.tree.map(lambda _: device,
-                                                                                          abstract_state)), step)
-  finally:
-    mngr.close()
-  return state.ema_params, config, meta
+  return manager.restore_params(directory, step=step, which=which)

@@ -115,7 +115,8 @@ def restore_params(directory, *, step: int | None = None, which: str = "ema_para
     directory: a training workdir (with `checkpoints/`) or its `checkpoints/` directory.
     step: default latest; which: "ema_params" (what sampling uses) or "params".
   Returns:
-    (params as a nested dict of host numpy arrays, the run's config dict, the checkpoint's meta dict).
+    (params as a nested dict of host numpy arrays, the run's config dict, the checkpoint's meta dict with the
+    restored `step` added).
   Raises:
     FileNotFoundError: no checkpoint there.  ValueError: unknown `which` or a newer checkpoint schema.
   """
@@ -143,7 +144,7 @@ def restore_params(directory, *, step: int | None = None, which: str = "ema_para
     mngr.close()
   if which not in raw:
     raise ValueError(f"checkpoint {path} has no {which!r} (items: {sorted(raw)})")
-  return jax.tree.map(lambda x: np.asarray(x), raw[which]), config, meta
+  return jax.tree.map(lambda x: np.asarray(x), raw[which]), config, dict(meta, step=step)
 
 
 def abstract_with_shardings(tree, shardings=None):
