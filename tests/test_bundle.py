@@ -2,7 +2,6 @@
 atomic writes, corrupt files, the manifest, and export of EMA params from a real training run."""
 import json
 import os
-import pathlib
 
 import jax
 import ml_collections as mlc
