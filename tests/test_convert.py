@@ -28,21 +28,12 @@ from unclip_jax import bundle, convert  # noqa: E402
 from unclip_jax.ckpt import convert_glide_text, convert_prior, convert_unet  # noqa: E402
 from unclip_jax.models import clip as clip_lib  # noqa: E402
 from unclip_jax.models import glide_text, prior as prior_lib, text_proj as tp_lib, unet as unet_lib  # noqa: E402
+from test_unet_parity import DECODER_KW, SR_KW  # noqa: E402  (ARCHITECTURE.md §13 tiny diffusers UNets)
 
 # ARCHITECTURE.md §13 tiny peer models.
 PRIOR_KW = dict(num_attention_heads=2, attention_head_dim=12, num_layers=2, embedding_dim=32, num_embeddings=16,
                 additional_embeddings=4)
 TP_KW = dict(clip_extra_context_tokens=4, clip_embeddings_dim=32, time_embed_dim=64, cross_attention_dim=24)
-DECODER_KW = dict(sample_size=16, in_channels=3, out_channels=6,
-                  down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D",
-                                    "SimpleCrossAttnDownBlock2D"],
-                  up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-                  mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=[16, 32, 48], layers_per_block=2,
-                  norm_num_groups=8, cross_attention_dim=24, attention_head_dim=8,
-                  resnet_time_scale_shift="scale_shift", class_embed_type="identity")
-SR_KW = dict(sample_size=32, in_channels=6, out_channels=3, layers_per_block=2, norm_num_groups=8,
-             block_out_channels=[16, 32, 48], down_block_types=["ResnetDownsampleBlock2D"] * 3,
-             up_block_types=["ResnetUpsampleBlock2D"] * 3, add_attention=False)
 TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=16, projection_dim=32, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
             pad_token_id=1)

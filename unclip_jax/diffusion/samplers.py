@@ -166,6 +166,15 @@ def _prepare(model_fn, x, diffusion, settings, steps) -> tuple[ModelFn, StepTabl
   return model_fn, table
 
 
+def _end_of_step(x: jax.Array, step: dict, sharding, progress) -> jax.Array:
+  """What every sampler does after a step: the latents' sharding constraint and the progress report."""
+  if sharding is not None:
+    x = jax.lax.with_sharding_constraint(x, sharding)
+  if progress is not None:
+    jax.debug.callback(progress, step["index"])
+  return x
+
+
 def _scan_inputs(table: StepTable) -> dict[str, jax.Array]:
   return {k: jnp.asarray(v) for k, v in table.as_scan_inputs().items()}
 
@@ -190,11 +199,7 @@ def sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *, diffusion: Gaus
   def body(x, step):
     x_prev, _ = sampler_step(model_fn, x, step, rng, diffusion=diffusion, settings=settings,
                              denoised_fn=denoised_fn)
-    if sharding is not None:
-      x_prev = jax.lax.with_sharding_constraint(x_prev, sharding)
-    if progress is not None:
-      jax.debug.callback(progress, step["index"])
-    return x_prev, None
+    return _end_of_step(x_prev, step, sharding, progress), None
 
   x0, _ = jax.lax.scan(body, x_T, _scan_inputs(table))
   return x0
@@ -286,11 +291,7 @@ def repaint_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *, known: 
       return renoise(x_prev, step, noise), x_prev
 
     _, x_prev = jax.lax.fori_loop(0, reps, rep, (x, x))
-    if sharding is not None:
-      x_prev = jax.lax.with_sharding_constraint(x_prev, sharding)
-    if progress is not None:
-      jax.debug.callback(progress, step["index"])
-    return x_prev, None
+    return _end_of_step(x_prev, step, sharding, progress), None
 
   x0, _ = jax.lax.scan(body, x_T, _scan_inputs(table))
   return x0
