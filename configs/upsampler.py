@@ -35,15 +35,16 @@ def get_config(arg: str = ""):
                    attention_levels=(False,) * 6, layers_per_block=2)
     c.degradation = "bsr"
   if variant == "shapes":
-    c.model.update(low_res_size=32, image_size=64, block_out_channels=(32, 64), attention_levels=(False, False),
+    c.model.update(low_res_size=16, image_size=64, block_out_channels=(32, 64), attention_levels=(False, False),
                    layers_per_block=1, norm_num_groups=8)
+    c.diffusion.prediction = "v"    # as the shapes decoder: a usable x̂0 from the first (ᾱ ≈ 0) of 7 steps
     c.sampling.update(steps="7")
     c.crop_fraction = 0.5
     c.last_step_model = False
-    c.batch_size = 32
-    c.num_train_steps = 1000
+    c.batch_size = 16
+    c.num_train_steps = 3000
     c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
-    c.eval_every, c.eval_examples = 500, 16
+    c.eval_every, c.eval_examples = 1000, 16
     c.log_every, c.ckpt_every = 100, 1000
     c.dtype = "float32"
   if variant == "tiny":

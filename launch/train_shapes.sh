@@ -8,8 +8,8 @@
 #   2. clip      contrastive CLIP on "full" (32x32 inputs)
 #   3. embed     CLIP embeddings of "train", precomputed once (python -m unclip_jax.data.precompute)
 #   4. prior     diffusion prior on the embeddings
-#   5. decoder   32x32 decoder on "train" + embeddings
-#   6. upsampler 32 -> 64 super-resolution on "train"
+#   5. decoder   16x16 decoder on "train" + embeddings
+#   6. upsampler 16 -> 64 super-resolution on "train"
 #   7. bundle    EMA weights of every stage -> BUNDLE (python -m unclip_jax.convert from-training), fp16
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,6 +47,12 @@ step decoder "$py" -m unclip_jax.train --config=configs/decoder.py:shapes --work
   --config.data.dirs="('$train', '$emb')"
 step upsampler "$py" -m unclip_jax.train --config=configs/upsampler.py:shapes --workdir="$out/upsampler" \
   --config.data.dirs="('$train',)"
-step bundle bash -c "for c in clip:clip prior:prior decoder:decoder upsampler:super_res_first; do \
-  '$py' -m unclip_jax.convert from-training --workdir '$out/\${c%%:*}' --component \${c##*:} --dtype float16 '$bundle' || exit 1; done"
+export_bundle() {   # EMA weights of every stage -> one fp16 bundle
+  local c
+  for c in clip:clip prior:prior decoder:decoder upsampler:super_res_first; do
+    "$py" -m unclip_jax.convert from-training --workdir "$out/${c%%:*}" --component "${c##*:}" --dtype float16 \
+      "$bundle" || return 1
+  done
+}
+step bundle export_bundle
 echo "bundle: $bundle"; cat "$times"
