@@ -51,7 +51,7 @@ def test_sample_cli_uses_embedded_model_and_follows_prompts(tmp_path):
   assert min(clf.info["val_accuracy"][k] for k in E.HEADS) >= 0.98
   prompts = E.make_prompts(24)
   target = {k: np.array([getattr(p, k) for p in prompts], np.int32) for k in E.HEADS}
-  holdout = [tuple(p.split()) for p in ("red triangle", "green circle", "blue square", "purple triangle")]
+  holdout = shapes.parse_holdout("red triangle,green circle,blue square,purple triangle")   # train_shapes.sh's
   report = E.adherence(clf.predict(images), target, holdout)
   print(report["all"], report["heldout"])
   assert report["heldout"]["n"] == 4

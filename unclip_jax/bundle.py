@@ -311,24 +311,18 @@ def export_from_training(workdir: PathLike, bundle_root: PathLike, component: st
   The run's config must be of the component's stage (decoder params are {"unet", "text_proj"}). Returns the
   exported (config, params).
   """
+  from unclip_jax.ckpt import manager
+
   stage = _check_name(component)
-  params, config, meta = _restore_training(workdir, step, which)
+  if not pathlib.Path(workdir).is_dir():
+    raise FileNotFoundError(f"no training checkpoints at {pathlib.Path(workdir) / 'checkpoints'}")
+  params, config, meta = manager.restore_params(workdir, step=step, which=which)
   cfg = config_from_dict(config)
   if cfg.get("stage") != stage:
     raise ValueError(f"{workdir}: the run trained stage {cfg.get('stage')!r}; component {component!r} needs a "
                      f"{stage!r} run")
   save_component(bundle_root, component, cfg, params, dtype=dtype)
   manifest = _read_manifest_or_none(pathlib.Path(bundle_root)) or {}
-  source = f"training:{os.fspath(workdir)}@{meta.get('step', step) if isinstance(meta, dict) else step}"
+  source = f"training:{os.fspath(workdir)}@{meta['step']}"
   write_manifest(bundle_root, source="; ".join(s for s in (manifest.get("source", ""), source) if s))
   return cfg, params
-
-
-def _restore_training(workdir: PathLike, step: int | None, which: str = "ema_params"):
-  """-> (EMA or raw params as numpy, config dict, meta dict with 'step')."""
-  from unclip_jax.ckpt import manager
-
-  directory = pathlib.Path(workdir)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"no training checkpoints at {directory / 'checkpoints'}")
-  return manager.restore_params(directory, step=step, which=which)
