@@ -221,7 +221,9 @@ def test_export_from_training_takes_the_ema_params(trained_prior, tmp_path):
   assert any(np.any(g != np.asarray(p)) for g, p in zip(jax.tree.leaves(got), jax.tree.leaves(state.params))), \
       "EMA params, not the raw params"
   assert got_cfg.to_dict() == mlc.ConfigDict(cfg.to_dict()).to_dict()
-  assert bundle.read_manifest(tmp_path)["source"].startswith(f"training:{workdir}@2")
+  assert bundle.read_manifest(tmp_path)["source"] == f"prior: training:{workdir}@2"
+  bundle.export_from_training(workdir, tmp_path, "prior", step=2)          # re-exported: its entry is replaced
+  assert bundle.read_manifest(tmp_path)["source"] == f"prior: training:{workdir}@2"
 
 
 def test_export_from_training_errors(trained_prior, tmp_path):

@@ -78,6 +78,30 @@ def test_adherence_on_hand_made_predictions():
     E.adherence({**pred, "shape": [0]}, target, [])
 
 
+def test_pooling_reports_of_several_seeds_equals_adherence_on_all_their_images():
+  names = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "background": shapes.COLOUR_NAMES}
+  hold = [("red", "circle")]
+  def report(pred, target):
+    n = len(target["colour"])
+    return {"holdout": [list(p) for p in hold], "per_prompt": [
+        {"target": {k: names[k][target[k][i]] for k in E.HEADS}, "pred": {k: names[k][pred[k][i]] for k in E.HEADS}}
+        for i in range(n)]}
+  t1 = {"colour": [0, 1], "shape": [0, 1], "background": [2, 3]}
+  p1 = {"colour": [0, 1], "shape": [1, 1], "background": [2, 3]}      # held-out red circle drawn as a square
+  t2 = {"colour": [0, 2], "shape": [0, 2], "background": [4, 5]}
+  p2 = {"colour": [0, 2], "shape": [0, 2], "background": [4, 6]}      # seen pair with the wrong background
+  pooled = E.pool_adherence([report(p1, t1), report(p2, t2)])
+  want = E.adherence({k: p1[k] + p2[k] for k in E.HEADS}, {k: t1[k] + t2[k] for k in E.HEADS}, hold)
+  assert pooled == want
+  assert pooled["heldout"] == {"n": 2, "colour": 1.0, "shape": 0.5, "background": 1.0, "all_three": 0.5}
+  with pytest.raises(ValueError, match="held-out"):
+    E.pool_adherence([report(p1, t1), {**report(p2, t2), "holdout": []}])
+  assert E.parse_seeds("0, 1,2") == [0, 1, 2]
+  for bad in ("", "0,0", "-1", "a"):
+    with pytest.raises(ValueError, match="--seeds"):
+      E.parse_seeds(bad)
+
+
 def test_prompts_cover_pairs_and_backgrounds():
   full = E.make_prompts(E.max_prompts())
   assert len(full) == 168 == len({(p.colour, p.shape, p.background) for p in full})

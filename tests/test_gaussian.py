@@ -52,6 +52,46 @@ def test_mse_loss_is_zero_for_the_true_target():
   assert terms["loss"].shape == (4,)
 
 
+@pytest.mark.parametrize("prediction", gaussian.PREDICTIONS)
+def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error(prediction):
+  # Hang et al. 2023: whatever the network predicts, the weighted loss is min(SNR_t, γ)·‖x0 − x̂0‖².
+  diffusion = gaussian.GaussianDiffusion(SCHED, prediction=prediction, loss_weighting="min_snr", min_snr_gamma=5.0)
+  x0, noise, _ = _data()
+  t = jnp.array([20, 300, 600, 950])       # SNR well above γ, near γ, below 1, far below
+  x_t = diffusion.q_sample(x0, t, noise)
+  out = diffusion.target(x0, t, noise) + 0.1 * jax.random.normal(jax.random.key(9), x0.shape)
+  a = jnp.asarray(SCHED.alphas_cumprod)[t]
+  x0_hat, _ = gaussian.predict_x0_eps(prediction, out, x_t, a)
+  snr = np.asarray(a, np.float64) / (1 - np.asarray(a, np.float64))
+  want = np.minimum(snr, 5.0) * np.mean((np.asarray(x0_hat) - np.asarray(x0)) ** 2, axis=(1, 2, 3))
+  terms = diffusion.loss_terms(out, x0, x_t, t, noise)
+  np.testing.assert_allclose(np.asarray(terms["loss"]), want, rtol=2e-3)
+  uniform = gaussian.GaussianDiffusion(SCHED, prediction=prediction).loss_terms(out, x0, x_t, t, noise)
+  np.testing.assert_allclose(np.asarray(terms["mse"]), np.asarray(uniform["mse"]))   # 'mse' stays unweighted
+  np.testing.assert_array_equal(np.asarray(uniform["loss"]), np.asarray(uniform["mse"]))
+  w = np.asarray(diffusion.mse_weight(jnp.arange(1000)))
+  assert np.isfinite(w).all() and (w >= 0).all()
+
+
+def test_min_snr_weighting_adds_to_the_hybrid_vlb_and_is_read_from_the_config():
+  cfg = config_lib.diffusion_config(prediction="v", variance="learned_range", loss="hybrid",
+                                    loss_weighting="min_snr")
+  diffusion = gaussian.GaussianDiffusion.from_config(cfg)
+  assert diffusion.loss_weighting == "min_snr" and diffusion.min_snr_gamma == 5.0
+  x0, noise, t = _data()
+  x_t = diffusion.q_sample(x0, t, noise)
+  out = jnp.concatenate([diffusion.target(x0, t, noise) + 0.1, jnp.zeros_like(x0)], -1)
+  terms = diffusion.loss_terms(out, x0, x_t, t, noise)
+  np.testing.assert_allclose(np.asarray(terms["loss"]), np.asarray(diffusion.mse_weight(t) * terms["mse"]
+                                                                   + 1.0 * terms["vb"]), rtol=1e-5)
+  old = dict(cfg.to_dict()); old.pop("loss_weighting"); old.pop("min_snr_gamma")     # a config saved before
+  assert gaussian.GaussianDiffusion.from_config(config_lib.mlc.ConfigDict(old)).loss_weighting == "uniform"
+  with pytest.raises(ValueError, match="loss_weighting"):
+    gaussian.GaussianDiffusion(SCHED, loss_weighting="min-snr")
+  with pytest.raises(ValueError, match="min_snr_gamma"):
+    gaussian.GaussianDiffusion(SCHED, loss_weighting="min_snr", min_snr_gamma=0.0)
+
+
 def test_hybrid_vlb_vanishes_for_the_true_posterior_and_trains_only_the_variance():
   diffusion = gaussian.GaussianDiffusion(SCHED, prediction="eps", variance="learned_range", loss="hybrid")
   x0, noise, t = _data()

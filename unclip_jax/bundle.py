@@ -323,6 +323,8 @@ def export_from_training(workdir: PathLike, bundle_root: PathLike, component: st
                      f"{stage!r} run")
   save_component(bundle_root, component, cfg, params, dtype=dtype)
   manifest = _read_manifest_or_none(pathlib.Path(bundle_root)) or {}
-  source = f"training:{os.fspath(workdir)}@{meta['step']}"
-  write_manifest(bundle_root, source="; ".join(s for s in (manifest.get("source", ""), source) if s))
+  # One "component: origin" entry per component; re-exporting a component replaces its entry.
+  entries = [e for e in manifest.get("source", "").split("; ") if e and not e.startswith(f"{component}: ")]
+  entries.append(f"{component}: training:{os.fspath(workdir)}@{meta['step']}")
+  write_manifest(bundle_root, source="; ".join(entries))
   return cfg, params

@@ -42,7 +42,8 @@ def select_variant(arg: str, variants: Iterable[str], default: str) -> str:
 
 
 def diffusion_config(*, prediction: str, variance: str, loss: str = "mse", schedule: str = "cosine",
-                     timesteps: int = 1000, vlb_weight: float = 0.001) -> mlc.ConfigDict:
+                     timesteps: int = 1000, vlb_weight: float = 0.001,
+                     loss_weighting: str = "uniform") -> mlc.ConfigDict:
   """The Gaussian-diffusion block shared by the prior, decoder and upsamplers (see diffusion/gaussian.py)."""
   return mlc.ConfigDict(dict(
       schedule=schedule,          # "cosine" (= squaredcos_cap_v2) or "linear"
@@ -53,6 +54,8 @@ def diffusion_config(*, prediction: str, variance: str, loss: str = "mse", sched
       variance=variance,          # "fixed_small", "fixed_small_log", "fixed_large" or "learned_range"
       loss=loss,                  # "mse" or "hybrid" (mse + vlb_weight * T * VLB term, bits/dim)
       vlb_weight=vlb_weight,
+      loss_weighting=loss_weighting,  # "uniform" or "min_snr" (MSE of step t weighted min(SNR_t, γ) in x0 terms)
+      min_snr_gamma=5.0,          # γ of "min_snr" (Hang et al. 2023)
   ))
 
 

@@ -1,7 +1,7 @@
 """Evaluation of an unCLIP trained on the captioned-shapes data: prompt adherence and CLIP scores.
 
-  python -m unclip_jax.eval_shapes --bundle B --data DATASET_DIR [--classifier PATH] [--n-prompts 96] [--seed 0]
-      [--batch-size 24] [--holdout "red triangle,green circle"] [--out report.json]
+  python -m unclip_jax.eval_shapes --bundle B --data DATASET_DIR [--classifier PATH] [--n-prompts 96]
+      [--seed 0 | --seeds 0,1,2] [--batch-size 24] [--holdout "red triangle,green circle"] [--out report.json]
 
 1. An attribute classifier (small linen CNN, three softmax heads: colour 8, shape 3, background 8) is trained with
    optax on real images of a shapes dataset (`python -m unclip_jax.data.shapes`); the last fifth (at most
@@ -530,6 +530,20 @@ def evaluate(pipe, data_dir, classifier: Classifier, *, n_prompts: int = 96, see
   return report
 
 
+def pool_adherence(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """`adherence` over the images of several reports (e.g. one per seed) pooled, from their per-prompt entries.
+  All reports must share the held-out pairs."""
+  if not reports:
+    raise ValueError("no reports to pool")
+  holdouts = {json.dumps(r["holdout"]) for r in reports}
+  if len(holdouts) != 1:
+    raise ValueError(f"reports with different held-out pairs cannot be pooled: {sorted(holdouts)}")
+  names = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "background": shapes.COLOUR_NAMES}
+  rows = [e for r in reports for e in r["per_prompt"]]
+  ids = lambda part: {k: np.array([names[k].index(e[part][k]) for e in rows], np.int32) for k in HEADS}
+  return adherence(ids("pred"), ids("target"), [tuple(p) for p in reports[0]["holdout"]])
+
+
 def format_table(report: Mapping[str, Any]) -> str:
   """The report as a short text table."""
   def f(x, spec=".3f"):
@@ -572,6 +586,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--classifier-seed", type=int, default=0)
   p.add_argument("--n-prompts", type=int, default=96, help=f"prompts (one image each), at most {max_prompts()}")
   p.add_argument("--seed", type=int, default=0, help="generation seed")
+  p.add_argument("--seeds", default=None, help='several generation seeds, e.g. "0,1,2": one report per seed and '
+                                               "their pooled adherence (overrides --seed)")
   p.add_argument("--batch-size", type=int, default=24)
   p.add_argument("--holdout", default=None, help='held-out pairs, e.g. "red circle,blue square" (default: the '
                                                  "dataset's metadata)")
@@ -579,6 +595,17 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--out", default=None, help="write the JSON report here")
   sample._stage_flags(p)
   return p
+
+
+def parse_seeds(text: str) -> list[int]:
+  """ "0,1,2" -> [0, 1, 2] (distinct non-negative integers)."""
+  try:
+    seeds = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+  if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise ValueError(f"--seeds must list distinct non-negative integers, got {text!r}")
+  return seeds
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -612,14 +639,27 @@ def _run(args: argparse.Namespace) -> int:
 
   pipe = UnCLIP.from_bundle(bundle_path, sampling=sample.sampling_overrides(args),
                             dtype=sample.resolve_dtype(args.dtype))
-  report = evaluate(pipe, args.data, clf, n_prompts=args.n_prompts, seed=args.seed, batch_size=args.batch_size,
-                    holdout=holdout)
-  report["bundle"] = str(bundle_path)
-  report["data"] = str(args.data)
-  report["settings"] = pipe.settings()
-  report["classifier"].update(path=args.classifier, trained_now=trained)
-  report["timing"]["classifier_seconds"] = round(t_clf, 2)
-  print(format_table(report))
+  seeds = [args.seed] if args.seeds is None else parse_seeds(args.seeds)
+  reports = []
+  for seed in seeds:
+    report = evaluate(pipe, args.data, clf, n_prompts=args.n_prompts, seed=seed, batch_size=args.batch_size,
+                      holdout=holdout)
+    report["bundle"] = str(bundle_path)
+    report["data"] = str(args.data)
+    report["settings"] = pipe.settings()
+    report["classifier"].update(path=args.classifier, trained_now=trained)
+    report["timing"]["classifier_seconds"] = round(t_clf, 2)
+    if len(seeds) > 1:
+      print(f"seed {seed}:")
+    print(format_table(report))
+    reports.append(report)
+  if len(seeds) > 1:
+    pooled = pool_adherence(reports)
+    print(f"pooled over seeds {seeds} ({pooled['all']['n']} images): all three {pooled['all']['all_three']:.3f}  "
+          f"seen {pooled['seen']['all_three']:.3f}  held-out "
+          + ("-" if pooled["heldout"]["all_three"] is None else f"{pooled['heldout']['all_three']:.3f}")
+          + f" (n={pooled['heldout']['n']})")
+    report = {"seeds": seeds, "pooled": pooled, "reports": reports}
   if args.out:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from unclip_jax.diffusion.schedules import NoiseSchedule
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 LOSSES = ("mse", "hybrid")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 
 def bcast(a: jax.Array, like: jax.Array) -> jax.Array:
@@ -135,12 +136,17 @@ class GaussianDiffusion:
       (the model outputs 2C channels, [mean part ; v in [-1, 1]]).
     loss: "mse" (simple loss on the prediction target) or "hybrid" (mse + vlb_weight·T·L_t in bits/dim, the
       improved-DDPM/GLIDE objective for learned variances; the VLB term trains the variance only).
+    loss_weighting: "uniform" (every timestep's MSE weighs 1) or "min_snr" (Hang et al. 2023: the MSE of timestep
+      t weighs as min(SNR_t, γ)·‖x0 − x̂0‖², i.e. min(SNR, γ)/SNR for ε, min(SNR, γ) for x0, min(SNR, γ)/(SNR + 1)
+      for v; γ = min_snr_gamma).
   """
   schedule: NoiseSchedule
   prediction: str = "eps"
   variance: str = "fixed_small"
   loss: str = "mse"
   vlb_weight: float = 0.001
+  loss_weighting: str = "uniform"
+  min_snr_gamma: float = 5.0
 
   def __post_init__(self):
     if self.prediction not in PREDICTIONS:
@@ -151,12 +157,17 @@ class GaussianDiffusion:
       raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
     if self.loss == "hybrid" and self.variance != "learned_range":
       raise ValueError("loss 'hybrid' trains a learned variance: it needs variance='learned_range'")
+    if self.loss_weighting not in LOSS_WEIGHTINGS:
+      raise ValueError(f"unknown loss_weighting {self.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    if not self.min_snr_gamma > 0:
+      raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
 
   @classmethod
   def from_config(cls, cfg) -> "GaussianDiffusion":
     """From a `config_lib.diffusion_config()` block."""
     return cls(NoiseSchedule.from_config(cfg), prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss,
-               vlb_weight=cfg.vlb_weight)
+               vlb_weight=cfg.vlb_weight, loss_weighting=cfg.get("loss_weighting", "uniform"),
+               min_snr_gamma=float(cfg.get("min_snr_gamma", 5.0)))
 
   @property
   def num_timesteps(self) -> int:
@@ -217,9 +228,22 @@ class GaussianDiffusion:
       return x0
     return v_target(x0, noise, self._alpha_bar(t))
 
+  def mse_weight(self, t: jax.Array) -> jax.Array:
+    """Per-example weight [B] of the MSE term at timesteps t [B] (1 for "uniform"; see `loss_weighting`)."""
+    if self.loss_weighting == "uniform":
+      return jnp.ones(t.shape, jnp.float32)
+    a = self._alpha_bar(t).astype(jnp.float32)
+    snr = a / jnp.maximum(1.0 - a, 1e-12)
+    clipped = jnp.minimum(snr, self.min_snr_gamma)
+    if self.prediction == "eps":
+      return jnp.minimum(1.0, self.min_snr_gamma / snr)   # = min(SNR, γ)/SNR, and 1 at SNR = 0
+    return clipped if self.prediction == "x0" else clipped / (snr + 1.0)
+
   def loss_terms(self, model_out: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array,
                  noise: jax.Array) -> dict[str, jax.Array]:
-    """Per-example loss terms, each [B]: 'mse', and for the hybrid loss 'vb' (bits/dim) and 'loss'.
+    """Per-example loss terms, each [B]: 'mse' (unweighted), 'loss', and for the hybrid loss 'vb' (bits/dim).
+
+    'loss' = mse_weight(t)·mse (+ vlb_weight·T·vb for the hybrid loss).
 
     Args:
       model_out: [B, ..., C or 2C] network output at (x_t, t).
@@ -229,8 +253,9 @@ class GaussianDiffusion:
     _check_same_shape(x0, noise, "x0", "noise")
     mean_out, v = self.split_output(model_out, x0.shape[-1])
     terms = {"mse": _mean_flat((self.target(x0, t, noise) - mean_out) ** 2)}
+    weighted = self.mse_weight(t) * terms["mse"]
     if self.loss == "mse":
-      terms["loss"] = terms["mse"]
+      terms["loss"] = weighted
       return terms
     # VLB term with a stop-gradient on the mean: it trains only the variance (improved DDPM §3.1).
     a, a_prev, beta = self._alpha_bar(t), self._alpha_bar_prev(t), self._beta(t)
@@ -243,7 +268,7 @@ class GaussianDiffusion:
     kl = _mean_flat(normal_kl(true_mean, bcast(true_logvar, x0), model_mean, model_logvar)) / math.log(2.0)
     nll = -_mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)) / math.log(2.0)
     terms["vb"] = jnp.where(t == 0, nll, kl)
-    terms["loss"] = terms["mse"] + self.vlb_weight * self.num_timesteps * terms["vb"]
+    terms["loss"] = weighted + self.vlb_weight * self.num_timesteps * terms["vb"]
     return terms
 
 
