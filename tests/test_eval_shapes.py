@@ -187,3 +187,5 @@ def test_cli_errors(data, tmp_path, monkeypatch, capsys):
   assert "holdout item" in capsys.readouterr().err
   assert E.main(["--data", str(data), "--bundle", str(tmp_path), "--n-prompts", "0"]) == 2
   assert "--n-prompts" in capsys.readouterr().err
+  assert E.main(["--data", str(data), "--bundle", str(tmp_path), "--seeds", "1,1"]) == 2
+  assert "--seeds" in capsys.readouterr().err

@@ -625,6 +625,7 @@ def _run(args: argparse.Namespace) -> int:
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
   holdout = None if args.holdout is None else shapes.parse_holdout(args.holdout)
+  seeds = [args.seed] if args.seeds is None else parse_seeds(args.seeds)
   bundle_path = pathlib.Path(args.bundle) if args.bundle else sample.DEFAULT_BUNDLE
   if args.bundle is None and not bundle_path.is_dir():
     raise FileNotFoundError(f"no --bundle given and this installation has no embedded default model at "
@@ -639,7 +640,6 @@ def _run(args: argparse.Namespace) -> int:
 
   pipe = UnCLIP.from_bundle(bundle_path, sampling=sample.sampling_overrides(args),
                             dtype=sample.resolve_dtype(args.dtype))
-  seeds = [args.seed] if args.seeds is None else parse_seeds(args.seeds)
   reports = []
   for seed in seeds:
     report = evaluate(pipe, args.data, clf, n_prompts=args.n_prompts, seed=seed, batch_size=args.batch_size,

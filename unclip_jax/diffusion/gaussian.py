@@ -234,9 +234,9 @@ class GaussianDiffusion:
       return jnp.ones(t.shape, jnp.float32)
     a = self._alpha_bar(t).astype(jnp.float32)
     snr = a / jnp.maximum(1.0 - a, 1e-12)
-    clipped = jnp.minimum(snr, self.min_snr_gamma)
     if self.prediction == "eps":
       return jnp.minimum(1.0, self.min_snr_gamma / snr)   # = min(SNR, γ)/SNR, and 1 at SNR = 0
+    clipped = jnp.minimum(snr, self.min_snr_gamma)
     return clipped if self.prediction == "x0" else clipped / (snr + 1.0)
 
   def loss_terms(self, model_out: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array,
