@@ -79,7 +79,7 @@ def test_adherence_on_hand_made_predictions():
 
 
 def test_pooling_reports_of_several_seeds_equals_adherence_on_all_their_images():
-  names = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "background": shapes.COLOUR_NAMES}
+  names = E.HEAD_NAMES
   hold = [("red", "circle")]
   def report(pred, target):
     n = len(target["colour"])

@@ -31,6 +31,7 @@ import numpy as np
 from unclip_jax.data import shapes
 
 HEADS = {"colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES), "background": len(shapes.COLOURS)}
+HEAD_NAMES = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "background": shapes.COLOUR_NAMES}
 GROUPS = ("all", "seen", "heldout")
 FORMAT = "unclip_jax.shapes_classifier"
 SCHEMA = 1
@@ -519,10 +520,9 @@ def evaluate(pipe, data_dir, classifier: Classifier, *, n_prompts: int = 96, see
                 real_mismatched=_mean(wrong))
     timing["clip_seconds"] = time.perf_counter() - t0
   report["clip_score"] = clip
-  names = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "background": shapes.COLOUR_NAMES}
   report["per_prompt"] = [
-      {"prompt": p.text, "heldout": bool(held[i]), "target": {k: names[k][target[k][i]] for k in HEADS},
-       "pred": {k: names[k][pred[k][i]] for k in HEADS},
+      {"prompt": p.text, "heldout": bool(held[i]), "target": {k: HEAD_NAMES[k][target[k][i]] for k in HEADS},
+       "pred": {k: HEAD_NAMES[k][pred[k][i]] for k in HEADS},
        "clip_score": float(gen_scores[i]) if pipe.has_image_encoder else None}
       for i, p in enumerate(prompts)]
   timing["total_seconds"] = time.perf_counter() - t_start
@@ -538,9 +538,8 @@ def pool_adherence(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   holdouts = {json.dumps(r["holdout"]) for r in reports}
   if len(holdouts) != 1:
     raise ValueError(f"reports with different held-out pairs cannot be pooled: {sorted(holdouts)}")
-  names = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "background": shapes.COLOUR_NAMES}
   rows = [e for r in reports for e in r["per_prompt"]]
-  ids = lambda part: {k: np.array([names[k].index(e[part][k]) for e in rows], np.int32) for k in HEADS}
+  ids = lambda part: {k: np.array([HEAD_NAMES[k].index(e[part][k]) for e in rows], np.int32) for k in HEADS}
   return adherence(ids("pred"), ids("target"), [tuple(p) for p in reports[0]["holdout"]])
 
 
