@@ -51,15 +51,23 @@ def device_peak_bytes(device: jax.Device | None = None) -> int | None:
   return int(value) if value is not None else None
 
 
-def compiled_memory_bytes(compiled) -> int | None:
-  """XLA's estimate for one compiled program: arguments + outputs + temporaries - aliased (donated) bytes."""
+def compiled_memory(compiled) -> dict[str, int] | None:
+  """XLA's memory analysis of one compiled program: {"arguments", "outputs", "temporaries", "aliased"} bytes
+  (None where the backend has none)."""
   try:
     m = compiled.memory_analysis()
   except Exception:                                    # not implemented on every backend
     return None
   if m is None:
     return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+          "temporaries": int(m.temp_size_in_bytes), "aliased": int(m.alias_size_in_bytes)}
+
+
+def compiled_memory_bytes(compiled) -> int | None:
+  """XLA's estimate for one compiled program: arguments + outputs + temporaries - aliased (donated) bytes."""
+  m = compiled_memory(compiled)
+  return None if m is None else m["arguments"] + m["outputs"] + m["temporaries"] - m["aliased"]
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------

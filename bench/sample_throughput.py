@@ -52,6 +52,7 @@ THROUGHPUT_COLUMNS = ("impl", "batch", "dtype", "text s", "prior s", "decoder s"
                       "img/s", "TFLOP/img", "FLOP src", "MFU", "peak mem GiB", "first call s", "ours/diffusers img/s")
 STAGE_COLUMNS = ("stage", "batch", "forwards/img", "GFLOP/forward (xla)", "GFLOP/forward (jaxpr)", "GFLOP/img",
                  "FLOP src", "compile s", "first call s", "steady s")
+COMPILE_COLUMNS = ("stage", "batch", "lower s", "compile s", "XLA mem GiB")
 ABLATION_COLUMNS = ("decoder sampler variant", "batch", "s/batch", "vs scan+batched", "compile s")
 
 
@@ -216,6 +217,51 @@ def stage_flops(pipe, batch: int, source: str) -> dict[str, dict]:
   return out
 
 
+def compile_stages(pipe, batch: int) -> list[dict]:
+  """Lowers and compiles each stage's jitted sampler from abstract params and inputs (nothing allocated, nothing
+  run): seconds to trace + lower, seconds in the backend compiler, and XLA's memory estimate per stage. This is
+  the first-compile cost of the sampling pipeline without the weights (the `< 90 s` target of bench/NOTES.md)."""
+  import jax
+  import jax.numpy as jnp
+
+  from unclip_jax.inference.pipeline import TextEncoding
+  from unclip_jax.models.clip import CLIP
+
+  sds = jax.ShapeDtypeStruct
+  b, l = batch, pipe.prior.num_embeddings
+  ids = sds((b, l), jnp.int32)
+  emb, enc = jax.eval_shape(lambda p, i: pipe.clip.apply({"params": p}, i, method=CLIP.encode_text),
+                            common.abstract(pipe.clip_params), ids)
+  text = TextEncoding(emb, enc, sds((b, l), jnp.bool_))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  null = None
+  if pipe.prior_cfg.get("null_text", "zeros") == "empty_prompt":
+    null = TextEncoding(emb, enc, text.mask).as_prior_cond()
+  s, e = pipe.decoder_size, emb.shape[-1]
+  image_emb = sds((b, e), jnp.float32)
+  dec_null = null if pipe.decoder_cfg.get("null_text", "zeros") == "empty_prompt" else None
+  stages = [("text", pipe._encode_text, (common.abstract(pipe.clip_params), ids)),
+            ("prior", pipe._prior, (common.abstract(pipe.prior_params), text.as_prior_cond(), key, null, None)),
+            ("decoder", pipe._decoder, (common.abstract(pipe.decoder_params), pipe.decoder_cond(image_emb, text),
+                                        sds((b, s, s, 3), jnp.float32), key, dec_null, None, None))]
+  if pipe.sr_cfg is not None:
+    size = pipe.image_size
+    stages.append(("super_res", pipe._super_res, (common.abstract(pipe.sr_first), common.abstract(pipe.sr_last),
+                                                   sds((b, s, s, 3), jnp.float32), sds((b, size, size, 3),
+                                                                                          jnp.float32), key)))
+  rows = []
+  for name, fn, fn_args in stages:
+    t0 = time.perf_counter()
+    lowered = fn.lower(*fn_args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    rows.append({"stage": name, "batch": b, "lower_s": t1 - t0, "compile_s": t2 - t1,
+                 "xla_mem_bytes": common.compiled_memory_bytes(compiled)})
+    print(f"[bench] compile {name}: lower {t1 - t0:.1f}s, compile {t2 - t1:.1f}s", file=sys.stderr, flush=True)
+  return rows
+
+
 def bench_ours(args, cfgs, batches) -> tuple[list[dict], dict]:
   import jax
 
@@ -259,9 +305,10 @@ def bench_ours(args, cfgs, batches) -> tuple[list[dict], dict]:
 
 # ---- ablations -----------------------------------------------------------------------------------------------------
 def run_ablations(pipe, batch: int, args) -> list[dict]:
-  """The decoder stage three ways, same UNet and conditioning: one jitted lax.scan with guidance batched as
-  [uncond; cond] (the pipeline's way), the scan with uncond and cond as two UNet calls, and a Python loop over a
-  jitted single step (per-step dispatch, like a torch loop)."""
+  """The decoder stage four ways, same UNet and conditioning: one jitted lax.scan with guidance batched as
+  [uncond; cond] (the pipeline's way), the scan with uncond and cond as two UNet calls, a Python loop over a
+  jitted single step (per-step dispatch, like a torch loop), and the pipeline's scan with XLA attention (on a CUDA
+  GPU in bf16 the pipeline's "auto" attention is cuDNN flash attention; elsewhere the two rows are the same)."""
   import jax
   import jax.numpy as jnp
 
@@ -312,9 +359,20 @@ def run_ablations(pipe, batch: int, args) -> list[dict]:
       x = one_step(p, x, step, r)
     return x
 
-  variants = [("jit + lax.scan, guidance batched [uncond; cond] (pipeline)", jax.jit(batched)),
+  def xla_attention(p, x, r):
+    unet = pipe.unet.clone(attention="xla")
+    return samplers.sample(decoder_lib.model_fn_for(unet, p["unet"], kwargs_of(p)), x, r,
+                           diffusion=diffusion, steps=steps, settings=settings)
+
+  from unclip_jax.models import layers
+
+  auto = layers.resolve_attention(pipe.unet.attention, jnp.dtype(pipe.unet.dtype), pipe.unet.head_dim,
+                                  has_bias=False)
+  variants = [(f"jit + lax.scan, guidance batched [uncond; cond] (pipeline; attention {pipe.unet.attention} = "
+               f"{auto})", jax.jit(batched)),
               ("jit + lax.scan, guidance as two UNet calls", jax.jit(two_calls)),
-              ("Python loop over a jitted step, guidance batched", python_loop)]
+              ("Python loop over a jitted step, guidance batched", python_loop),
+              ("jit + lax.scan, guidance batched, attention = xla", jax.jit(xla_attention))]
   rows, base = [], None
   for name, fn in variants:
     timer = common.CompileTimer()
@@ -496,6 +554,12 @@ def stage_table(ours: list[dict], flops: dict) -> str:
   return common.markdown_table(STAGE_COLUMNS, cells)
 
 
+def compile_table(rows: list[dict]) -> str:
+  return common.markdown_table(COMPILE_COLUMNS, [
+      [r["stage"], r["batch"], common.fmt(r["lower_s"], ".1f"), common.fmt(r["compile_s"], ".1f"),
+       _gib(r["xla_mem_bytes"])] for r in rows])
+
+
 def ablation_table(rows: list[dict]) -> str:
   return common.markdown_table(ABLATION_COLUMNS, [
       [r["variant"], r["batch"], common.fmt(r["seconds"], ".4f"), f"{r['vs_baseline']:.2f}x",
@@ -525,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="FLOP source: XLA cost analysis (auto falls back to the jaxpr count) or the jaxpr count")
   p.add_argument("--flops-only", action="store_true",
                  help="only count our stages' FLOPs (abstract params: nothing allocated, nothing timed)")
+  p.add_argument("--compile-only", action="store_true",
+                 help="only lower and compile each stage per batch size (abstract params: nothing allocated or run)")
   p.add_argument("--ablations", action="store_true",
                  help="also time the decoder stage as scan+batched guidance, scan+two calls, Python loop")
   p.add_argument("--seed", type=int, default=0)
@@ -559,6 +625,20 @@ def main(argv=None) -> int:
     if args.json:
       common.write_json(args.json, {"benchmark": "sample_throughput", "size": args.size, "steps": steps,
                                     "stage_flops": flops, "flops_per_image": total})
+    return 0
+  if args.compile_only:
+    info = common.device_info()
+    dtype = args.dtype or common.default_dtype(info["platform"])
+    pipe = build_pipeline(cfgs, dtype=dtype, param_dtype=args.param_dtype, seed=args.seed, abstract=True)
+    rows = [r for b in args.batches for r in compile_stages(pipe, b)]
+    print(f"\n## compile of our stages, size {args.size}, steps {args.steps}, {dtype}, device {info['kind']} "
+          f"({info['platform']}); per batch size: "
+          + ", ".join(f"{b}: {sum(r['lower_s'] + r['compile_s'] for r in rows if r['batch'] == b):.1f} s"
+                      for b in args.batches) + "\n")
+    print(compile_table(rows))
+    if args.json:
+      common.write_json(args.json, {"benchmark": "sample_throughput", "size": args.size, "steps": steps,
+                                    "device": info, "dtype": dtype, "compile": rows})
     return 0
   if args.impl == "diffusers":                           # the child process (or a peer-only run)
     if args.peer_device is None:

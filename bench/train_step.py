@@ -39,7 +39,7 @@ TEXT_LENGTH = {"karlo": 77, "tiny": 16}          # CLIP context = prior num_embe
 DEFAULT_BATCH = {"karlo": {"decoder": 32, "prior": 256, "super_res": 32, "clip": 128},
                  "tiny": {"decoder": 8, "prior": 8, "super_res": 8, "clip": 8}}
 COLUMNS = ("stage", "size", "batch", "dtype", "remat", "params M", "compile s", "step s", "examples/s",
-           "XLA GFLOP/step", "model GFLOP/step", "MFU", "HFU", "XLA mem GiB", "peak mem GiB")
+           "XLA GFLOP/step", "model GFLOP/step", "MFU", "HFU", "XLA mem GiB", "XLA temp GiB", "peak mem GiB")
 
 
 def stage_config(stage: str, size: str, *, dtype: str, remat: str):
@@ -133,7 +133,9 @@ def stage_task(stage: str, cfg, size: str):
 
 
 def bench_one(stage: str, size: str, batch: int, dtype: str, remat: str, repeats: int, seed: int,
-              info: dict) -> dict:
+              info: dict, compile_only: bool = False) -> dict:
+  """One row: AOT compile, then `repeats` timed steps (compile_only: abstract state and batch, nothing allocated
+  or run; the step columns stay empty)."""
   import flax.linen as nn
   import jax
 
@@ -146,14 +148,18 @@ def bench_one(stage: str, size: str, batch: int, dtype: str, remat: str, repeats
   init, loss_fn, make_batch = stage_task(stage, cfg, size)
   tx = optim.make_optimizer(cfg)
   rng = jax.random.key(seed)
-  with common.timed(f"{stage}: init"):
-    params = common.random_init(lambda r: nn.unbox(init(r)), rng, seed=seed)
-    state = (jax.jit(TrainState.create, static_argnums=1) if info["platform"] != "cpu" else TrainState.create)(
-        params, tx)
-    common.block(state)
-    del params
   batch_np = make_batch(batch, np.random.default_rng(seed))
-  data = jax.device_put(batch_np)
+  if compile_only:
+    state = jax.eval_shape(lambda r: TrainState.create(nn.unbox(init(r)), tx), rng)
+    data = common.abstract(batch_np)
+  else:
+    with common.timed(f"{stage}: init"):
+      params = common.random_init(lambda r: nn.unbox(init(r)), rng, seed=seed)
+      state = (jax.jit(TrainState.create, static_argnums=1) if info["platform"] != "cpu" else TrainState.create)(
+          params, tx)
+      common.block(state)
+      del params
+    data = jax.device_put(batch_np)
   step_fn = make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, grad_accum=int(cfg.optim.grad_accum),
                             lr_schedule=optim.learning_rate_schedule(cfg))
   jitted = jax.jit(step_fn, donate_argnums=0)
@@ -164,21 +170,24 @@ def bench_one(stage: str, size: str, batch: int, dtype: str, remat: str, repeats
   model = 3.0 * common.jaxpr_flops(lambda p, b, r: loss_fn(p, b, r)[0], common.abstract(state.params),
                                    common.abstract(data), rng)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  step_s, times = None, []
+  if not compile_only:
+    def one():
+      nonlocal state
+      state, metrics = compiled(state, data, rng)
+      common.block((state, metrics))
 
-  def one():
-    nonlocal state
-    state, metrics = compiled(state, data, rng)
-    common.block((state, metrics))
-
-  step_s, times = common.median_seconds(one, repeats, warmup=1)
+    step_s, times = common.median_seconds(one, repeats, warmup=1)
   row = {"stage": stage, "size": size, "batch": batch, "dtype": dtype, "remat": remat, "params": n_params,
-         "compile_s": compile_s, "step_s": step_s, "steps_s": times, "examples_per_s": batch / step_s,
-         "xla_flops_per_step": xla, "model_flops_per_step": model,
-         "mfu": common.mfu(model / step_s, info["peak_flops"]),
-         "hfu": common.mfu(xla and xla / step_s, info["peak_flops"]),
-         "xla_mem_bytes": common.compiled_memory_bytes(compiled), "peak_mem_bytes": common.device_peak_bytes()}
-  print(f"[bench] {stage} batch {batch} remat {remat}: compile {compile_s:.1f}s, step {step_s:.4f}s",
-        file=sys.stderr, flush=True)
+         "compile_s": compile_s, "step_s": step_s, "steps_s": times,
+         "examples_per_s": step_s and batch / step_s, "xla_flops_per_step": xla, "model_flops_per_step": model,
+         "mfu": step_s and common.mfu(model / step_s, info["peak_flops"]),
+         "hfu": step_s and common.mfu(xla and xla / step_s, info["peak_flops"]),
+         "xla_mem_bytes": common.compiled_memory_bytes(compiled),
+         "xla_temp_bytes": (common.compiled_memory(compiled) or {}).get("temporaries"),
+         "peak_mem_bytes": None if compile_only else common.device_peak_bytes()}
+  print(f"[bench] {stage} batch {batch} remat {remat}: compile {compile_s:.1f}s"
+        + ("" if compile_only else f", step {step_s:.4f}s"), file=sys.stderr, flush=True)
   del state, compiled, data
   gc.collect()
   return row
@@ -191,7 +200,7 @@ def table(rows) -> str:
        common.fmt(r["compile_s"], ".1f"), common.fmt(r["step_s"], ".4f"), common.fmt(r["examples_per_s"], ".1f"),
        common.fmt(r["xla_flops_per_step"], ".4g", 1e-9), common.fmt(r["model_flops_per_step"], ".4g", 1e-9),
        common.fmt(r["mfu"], ".1%"), common.fmt(r["hfu"], ".1%"), gib(r["xla_mem_bytes"]),
-       gib(r["peak_mem_bytes"])] for r in rows])
+       gib(r.get("xla_temp_bytes")), gib(r["peak_mem_bytes"])] for r in rows])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "anything else = nn.remat per block)")
   p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
   p.add_argument("--repeats", type=int, default=5, help="timed steps (median reported) after one warm-up step")
+  p.add_argument("--compile-only", action="store_true",
+                 help="only compile each step from abstract state (nothing allocated or run): compile s, FLOPs and "
+                      "XLA's memory estimate, e.g. to pick a remat policy that fits before renting the device")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
   return p
@@ -235,7 +247,8 @@ def main(argv=None) -> int:
   for stage in stages:
     for b in batches or [DEFAULT_BATCH[args.size][stage]]:
       for remat in remats:
-        rows.append(bench_one(stage, args.size, b, dtype, remat, args.repeats, args.seed, info))
+        rows.append(bench_one(stage, args.size, b, dtype, remat, args.repeats, args.seed, info,
+                              compile_only=args.compile_only))
   print(f"\n## one training step per stage, size {args.size}, device {info['kind']} ({info['platform']}), "
         f"peak {common.fmt(info['peak_flops'], '.0f', 1e-12)} TFLOP/s bf16\n")
   print(table(rows))

@@ -7,10 +7,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The project's compile cache, for this process and for the CLIs the tests start (never the user's ~/.cache).
+os.environ.setdefault("UNCLIP_JAX_CACHE", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("UNCLIP_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")))
+jax.config.update("jax_compilation_cache_dir", os.environ["UNCLIP_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # One torch thread everywhere: torch's default pool fights XLA's for the same cores (a 25-step tiny decoder loop

@@ -57,7 +57,7 @@ def test_sample_throughput_tiny(tmp_path):
           "first call s"} <= set(stage_header)
   assert [r[0] for r in stage_rows] == ["text", "prior", "decoder", "super_res"]
   _, ablations = _table(lines, "decoder sampler variant")
-  assert len(ablations) == 3
+  assert len(ablations) == 4 and "attention auto = xla" in ablations[0][0]     # CPU: "auto" is XLA
   assert {r["impl"] for r in payload["results"]} == {"diffusers", "unclip_jax"}
 
 
@@ -65,7 +65,7 @@ def test_train_step_tiny(tmp_path):
   lines, payload = _run("train_step.py", ["--size", "tiny", "--batch", "2", "--repeats", "1"], tmp_path)
   header, rows = _table(lines, "stage")
   for col in ("batch", "remat", "compile s", "step s", "examples/s", "XLA GFLOP/step", "model GFLOP/step", "MFU",
-              "XLA mem GiB", "peak mem GiB"):
+              "XLA mem GiB", "XLA temp GiB", "peak mem GiB"):
     assert col in header, col
   assert [r[0] for r in rows] == ["decoder", "prior", "super_res", "clip"]
   assert all(len(r) == len(header) and r[header.index("batch")] == "2" for r in rows)
@@ -79,3 +79,18 @@ def test_sample_flops_only_karlo(tmp_path):
   assert [r[0] for r in rows] == ["text", "prior", "decoder", "super_res"]
   assert all(len(r) == len(header) for r in rows)
   assert set(payload["stage_flops"]) == {"text", "prior", "decoder", "super_res"}
+
+
+def test_compile_only_modes(tmp_path):
+  # Lower + compile from abstract params and batches: nothing allocated, nothing run; step columns stay empty.
+  lines, payload = _run("sample_throughput.py", ["--size", "tiny", "--compile-only", "--batch", "1,2"], tmp_path)
+  header, rows = _table(lines, "stage")
+  assert header == ["stage", "batch", "lower s", "compile s", "XLA mem GiB"]
+  assert [(r[0], r[1]) for r in rows] == [(s, b) for b in "12" for s in ("text", "prior", "decoder", "super_res")]
+  assert all(r["compile_s"] > 0 for r in payload["compile"])
+  lines, payload = _run("train_step.py", ["--size", "tiny", "--stages", "prior", "--batch", "2", "--remat",
+                                          "none,full", "--compile-only"], tmp_path)
+  header, rows = _table(lines, "stage")
+  assert [r[header.index("remat")] for r in rows] == ["none", "full"]
+  assert all(r[header.index("step s")] == "-" and r[header.index("compile s")] != "-" for r in rows)
+  assert all(r["step_s"] is None and r["xla_flops_per_step"] for r in payload["results"])

@@ -158,3 +158,36 @@ def test_cli_bad_inputs_fail_before_compute(bundle_dir, tmp_path, capsys):
   assert "model bundle not found" in capsys.readouterr().err
   assert sample.main(["--prompt", "x", "--out", out, "--bundle", str(bundle_dir), "--decoder-steps", "0"]) == 2
   assert not (tmp_path / "o").exists()
+
+
+def test_compilation_cache_folder_resolution(monkeypatch, tmp_path):
+  monkeypatch.delenv("UNCLIP_JAX_CACHE", raising=False)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert sample.compilation_cache_dir(None) == tmp_path / "xdg" / "unclip_jax" / "xla"
+  monkeypatch.setenv("UNCLIP_JAX_CACHE", str(tmp_path / "env"))
+  assert sample.compilation_cache_dir(None) == tmp_path / "env"
+  assert sample.compilation_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+  assert sample.compilation_cache_dir("") is None
+  monkeypatch.setenv("UNCLIP_JAX_CACHE", "")
+  assert sample.compilation_cache_dir(None) is None
+
+
+@pytest.mark.slow
+def test_cli_fills_the_compilation_cache_it_is_given(bundle_dir, tmp_path):
+  """A fresh process (jax sets its cache folder once per process) writes its compiled stages to --compilation-cache;
+  '' leaves no folder behind."""
+  import os
+  import subprocess
+  import sys
+
+  def cli(cache):
+    env = dict(os.environ, XLA_FLAGS="", UNCLIP_JAX_CACHE=str(tmp_path / "env-cache"))
+    proc = subprocess.run([sys.executable, "-m", "unclip_jax.sample", "--prompt", "a red circle", "--out",
+                           str(tmp_path / f"out{len(cache)}"), "--bundle", str(bundle_dir), "--no-progress",
+                           "--compilation-cache", cache], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+  cli(str(tmp_path / "xla"))
+  assert len(list((tmp_path / "xla").iterdir())) >= 2          # at least the decoder and super-res samplers
+  cli("")
+  assert not (tmp_path / "env-cache").exists()

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
   common.add_argument("--seed", type=int, default=0)
   common.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+  common.add_argument("--compilation-cache", default=None, metavar="DIR",
+                      help="persistent XLA compilation cache: later runs of the same shapes skip compiling (default: "
+                           "$UNCLIP_JAX_CACHE, else ~/.cache/unclip_jax/xla; '' disables)")
   common.add_argument("--no-progress", action="store_true", help="hide the per-stage progress bars")
   common.add_argument("--no-grid", action="store_true", help="do not write grid.png")
   _stage_flags(common)
@@ -112,6 +115,34 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
   return out
 
 
+def compilation_cache_dir(flag: str | None) -> pathlib.Path | None:
+  """--compilation-cache value -> the cache folder (None = disabled): the flag, else $UNCLIP_JAX_CACHE, else
+  ~/.cache/unclip_jax/xla ($XDG_CACHE_HOME when set); an empty string disables it."""
+  import os
+
+  value = flag if flag is not None else os.environ.get("UNCLIP_JAX_CACHE")
+  if value is None:
+    value = str(pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "unclip_jax" / "xla")
+  return pathlib.Path(value).expanduser() if value.strip() else None
+
+
+def enable_compilation_cache(path: pathlib.Path | None) -> None:
+  """Points jax's persistent compilation cache at `path` (created), storing every program (the many small ones
+  add up: the embedded model's 24-prompt run is 19 s cold, 13 s warm on 2 CPU cores). A folder that cannot be
+  created only costs the speed-up (a warning, then no cache)."""
+  if path is None:
+    return
+  import jax
+
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    logging.warning("compilation cache disabled: cannot create %s (%s)", path, e)
+    return
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def resolve_dtype(name: str) -> str:
   if name != "auto":
     return name
@@ -173,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
 
   from unclip_jax.inference.pipeline import UnCLIP
 
+  enable_compilation_cache(compilation_cache_dir(args.compilation_cache))
   pipe = UnCLIP.from_bundle(bundle_path, sampling=sampling_overrides(args), dtype=resolve_dtype(args.dtype),
                             progress=not args.no_progress)
   base = dict(command=args.command, bundle=str(bundle_path), seed=args.seed, settings=pipe.settings())

@@ -80,18 +80,96 @@ def attention_bias_from_mask(mask: jax.Array, *, masked_value: float = -10000.0)
   return jnp.where(mask.astype(bool), 0.0, masked_value).astype(jnp.float32)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None,
-                          *, implementation: str | None = None) -> jax.Array:
-  """Scaled dot-product attention through `jax.nn.dot_product_attention` (fused where the backend has it).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def _is_cuda() -> bool:
+  """True when the default backend is an NVIDIA GPU (CUDA, not ROCm)."""
+  if jax.default_backend() != "gpu":
+    return False
+  client = getattr(jax.devices()[0], "client", None)           # jax's own cuDNN check reads the same string
+  return "cuda" in str(getattr(client, "platform_version", "") or "").lower()
+
+
+def auto_attention(*, cuda: bool, dtype, head_dim: int, has_bias: bool) -> str:
+  """What "auto" picks: cuDNN flash attention on a CUDA GPU for fp16/bf16 inputs with a head width that cuDNN
+  takes on every architecture (<= 128, a multiple of 8) and no additive bias (cuDNN training with a bias needs
+  even sequence lengths, and a [B, H, T, S] bias costs the memory traffic flash attention saves); else XLA."""
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  ok = cuda and half and head_dim <= 128 and head_dim % 8 == 0 and not has_bias
+  return "cudnn" if ok else "xla"
+
+
+def resolve_attention(implementation: str, dtype, head_dim: int, *, has_bias: bool) -> str:
+  """Config value ("auto" | "xla" | "cudnn") -> the implementation this call uses ("xla" or "cudnn").
+
+  Raises:
+    ValueError: an unknown name, or "cudnn" asked for where there is no CUDA GPU.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+  if implementation == "auto":
+    return auto_attention(cuda=_is_cuda(), dtype=dtype, head_dim=head_dim, has_bias=has_bias)
+  if implementation == "cudnn" and not _is_cuda():
+    raise ValueError(f"attention='cudnn' needs a CUDA GPU; the default backend is {jax.default_backend()!r} "
+                     "(use 'auto' or 'xla')")
+  return implementation
+
+
+def pack_kept_keys(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Moves the kept keys (and their values) to the front, in order, so that a length can stand for the mask.
+
+  k, v [B, S, H, D], key_mask [B, S] bool (True = attend) -> (k, v) [B, S, H, D] and lengths [B] int32: key j of
+  row b is attended iff j < lengths[b]. Attention is invariant to the order of keys, so this equals masking.
+  """
+  order = jnp.argsort(~key_mask.astype(bool), axis=-1, stable=True)                  # kept first     [B, S]
+  take = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+  return take(k), take(v), key_mask.astype(jnp.int32).sum(-1)
+
+
+def _attend(q, k, v, *, bias=None, key_lengths=None, implementation: str = "xla"):
+  """The one call into `jax.nn.dot_product_attention` (kept separate so tests can stand XLA in for cuDNN)."""
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, key_value_seq_lengths=key_lengths,
+                                      implementation=implementation)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, *,
+                          key_lengths: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+  """Scaled dot-product attention through `jax.nn.dot_product_attention`, XLA or cuDNN flash attention.
 
   Args:
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D].
     bias: additive bias broadcastable to [B, H, Tq, Tk], or None.
-    implementation: None (XLA picks), "xla" or "cudnn".
+    key_lengths: [B] int32 or None: row b attends to its first key_lengths[b] keys only (`pack_kept_keys`).
+    implementation: "auto" (see `auto_attention`), "xla" or "cudnn".
   Returns:
-    [B, Tq, H, D] in q's dtype. The softmax runs in float32 (diffusers' `upcast_softmax`) unless
-    a fused kernel is selected.
+    [B, Tq, H, D] in q's dtype. XLA runs the softmax in float32 (diffusers' `upcast_softmax`); cuDNN accumulates
+    in float32.
   """
+  impl = resolve_attention(implementation, q.dtype, q.shape[-1], has_bias=bias is not None)
   if bias is not None:
-    bias = jnp.broadcast_to(bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+    b, tq, h, _ = q.shape
+    heads = h if impl == "xla" else 1       # cuDNN broadcasts over batch and heads; it needs the full Tq x Tk
+    bias = jnp.broadcast_to(bias, (b, heads, tq, k.shape[1])).astype(q.dtype)
+  if key_lengths is not None:
+    key_lengths = key_lengths.astype(jnp.int32)
+  if implementation == "auto" and impl == "cudnn":
+    try:
+      return _attend(q, k, v, bias=bias, key_lengths=key_lengths, implementation="cudnn")
+    except (NotImplementedError, RuntimeError) as e:   # raised while tracing: this cuDNN / GPU cannot run it
+      _warn_cudnn_fallback(e)                         # (auto sends no bias to cuDNN)
+      impl = "xla"
+  return _attend(q, k, v, bias=bias, key_lengths=key_lengths, implementation=impl)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_cudnn_fallback_once(message: str) -> None:
+  import warnings
+
+  warnings.warn(f"attention 'auto': cuDNN flash attention is not available here ({message}); using XLA",
+                RuntimeWarning, stacklevel=3)
+
+
+def _warn_cudnn_fallback(error: Exception) -> None:
+  _warn_cudnn_fallback_once(f"{type(error).__name__}: {error}")

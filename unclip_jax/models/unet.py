@@ -16,7 +16,8 @@ One module reproduces two diffusers classes (ARCHITECTURE.md §1 rule 1, §5.4-5
   out   conv_out(SiLU(conv_norm_out(h)))                                                    # [B, H, W, out]
 
 Attention (`AttnAddedKVProcessor2_0`): keys/values are [add_k_proj(text tokens) ; to_k(GN(x))], encoder tokens
-first; the additive text-mask bias is right-padded with zeros over the spatial keys.
+first; the additive text-mask bias is right-padded with zeros over the spatial keys (on the cuDNN path the kept
+keys are packed in front and passed as lengths instead: `AddedKVAttention`).
 
 Submodules are named after the diffusers keys (§8.5): `down_blocks.1.attentions.0.add_k_proj` ↔
 `down_blocks_1/attentions_0/add_k_proj`, so `ckpt/convert_unet.py` is a pure function of the key.
@@ -138,25 +139,39 @@ class ResnetBlock2D(nn.Module):
 class AddedKVAttention(nn.Module):
   """diffusers `Attention` with `AttnAddedKVProcessor2_0` (SimpleCrossAttn blocks), residual included.
 
-  x [B, H, W, C], context [B, T, Dc], bias [B, T] additive or None -> [B, H, W, C].
+  x [B, H, W, C], context [B, T, Dc], mask [B, T] bool (True = attend) or None -> [B, H, W, C].
+
+  XLA: keys [context; spatial] with diffusers' additive -10000 bias on the masked context keys (bit for bit).
+  cuDNN: keys [spatial; kept context first] and a key length per row instead of a bias (the same attention:
+  masked keys are left out either way), so the flash kernel runs without a [B, T+HW] bias tensor.
   """
   head_dim: int
   groups: int = 32
+  attention: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array, bias: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None) -> jax.Array:
     b, hh, ww, c = x.shape
     heads, d = c // self.head_dim, self.head_dim
     xn = _group_norm(self.groups, self.dtype, "group_norm")(x).reshape(b, hh * ww, c)   # row-major (h, w)
     context = context.astype(self.dtype)
     proj = lambda name, y, ax: _dense(c, ax, self.dtype, name)(y).reshape(y.shape[0], y.shape[1], heads, d)
     q = proj("to_q", xn, ("embed", "heads"))                                            # [B, HW, H, D]
-    k = jnp.concatenate([proj("add_k_proj", context, (None, "heads")), proj("to_k", xn, ("embed", "heads"))], 1)
-    v = jnp.concatenate([proj("add_v_proj", context, (None, "heads")), proj("to_v", xn, ("embed", "heads"))], 1)
-    if bias is not None:                                     # encoder keys first; spatial keys never masked
-      bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))[:, None, None, :]                   # [B, 1, 1, T+HW]
-    out = layers.dot_product_attention(q, k, v, bias)                                   # [B, HW, H, D]
+    ck, cv = proj("add_k_proj", context, (None, "heads")), proj("add_v_proj", context, (None, "heads"))
+    sk, sv = proj("to_k", xn, ("embed", "heads")), proj("to_v", xn, ("embed", "heads"))
+    impl = layers.resolve_attention(self.attention, q.dtype, d, has_bias=False)
+    if mask is not None and impl == "cudnn":
+      ck, cv, kept = layers.pack_kept_keys(ck, cv, mask)
+      k, v = jnp.concatenate([sk, ck], 1), jnp.concatenate([sv, cv], 1)                 # [B, HW+T, H, D]
+      out = layers.dot_product_attention(q, k, v, key_lengths=hh * ww + kept, implementation=self.attention)
+    else:
+      bias = None
+      if mask is not None:                                   # encoder keys first; spatial keys never masked
+        bias = layers.attention_bias_from_mask(mask, masked_value=MASK_VALUE)           # [B, T]
+        bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))[:, None, None, :]                 # [B, 1, 1, T+HW]
+      k, v = jnp.concatenate([ck, sk], 1), jnp.concatenate([cv, sv], 1)                 # [B, T+HW, H, D]
+      out = layers.dot_product_attention(q, k, v, bias, implementation=self.attention)
     out = _dense(c, ("heads", "embed"), self.dtype, "to_out_0")(out.reshape(b, hh * ww, c))
     return _constrain(out.reshape(b, hh, ww, c) + x)
 
@@ -173,6 +188,7 @@ class _BlockSettings(nn.Module):
   dropout: float = 0.0
   deterministic: bool = True
   remat: str = "none"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   def resnet(self, name: str, sample: str | None = None) -> ResnetBlock2D:
@@ -184,19 +200,19 @@ class _BlockSettings(nn.Module):
   def attention(self, name: str) -> AddedKVAttention:
     wrap, policy = remat_policy(self.remat)
     cls = nn.remat(AddedKVAttention, policy=policy) if wrap else AddedKVAttention
-    return cls(self.head_dim, self.groups, self.dtype, name=name)
+    return cls(self.head_dim, self.groups, self.attention_impl, self.dtype, name=name)
 
 
 class DownBlock(_BlockSettings):
   """`ResnetDownsampleBlock2D` (no attention) / `SimpleCrossAttnDownBlock2D`; returns (h, skips)."""
 
   @nn.compact
-  def __call__(self, h, temb, context, bias):
+  def __call__(self, h, temb, context, mask):
     skips = []
     for j in range(self.num_layers):
       h = self.resnet(f"resnets_{j}")(h, temb)
       if self.add_attention:
-        h = self.attention(f"attentions_{j}")(h, context, bias)
+        h = self.attention(f"attentions_{j}")(h, context, mask)
       skips.append(h)
     if self.add_sampler:
       h = self.resnet("downsamplers_0", "down")(h, temb)
@@ -208,10 +224,10 @@ class MidBlock(_BlockSettings):
   """`UNetMidBlock2DSimpleCrossAttn` (resnet, attention, resnet) or `UNetMidBlock2D(add_attention=False)`."""
 
   @nn.compact
-  def __call__(self, h, temb, context, bias):
+  def __call__(self, h, temb, context, mask):
     h = self.resnet("resnets_0")(h, temb)
     if self.add_attention:
-      h = self.attention("attentions_0")(h, context, bias)
+      h = self.attention("attentions_0")(h, context, mask)
     return self.resnet("resnets_1")(h, temb)
 
 
@@ -219,12 +235,12 @@ class UpBlock(_BlockSettings):
   """`SimpleCrossAttnUpBlock2D` / `ResnetUpsampleBlock2D`: num_layers resnets on cat([h, skip]) (h first)."""
 
   @nn.compact
-  def __call__(self, h, skips, temb, context, bias):
+  def __call__(self, h, skips, temb, context, mask):
     for j in range(self.num_layers):
       h = jnp.concatenate([h, skips[j]], axis=-1)
       h = self.resnet(f"resnets_{j}")(h, temb)
       if self.add_attention:
-        h = self.attention(f"attentions_{j}")(h, context, bias)
+        h = self.attention(f"attentions_{j}")(h, context, mask)
     if self.add_sampler:
       h = self.resnet("upsamplers_0", "up")(h, temb)
     return h
@@ -252,6 +268,8 @@ class UNet(nn.Module):
       `deterministic=False`).
     dtype: compute dtype (params stay float32; the output is float32).
     remat: one of `REMAT_POLICIES`, applied to every resnet and attention block.
+    attention: "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, else XLA), "xla" or "cudnn"
+      (`layers.resolve_attention`).
   """
   in_channels: int = 3
   out_channels: int = 6
@@ -271,6 +289,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: str = "none"
+  attention: str = "auto"
 
   @property
   def num_levels(self) -> int:
@@ -308,14 +327,14 @@ class UNet(nn.Module):
     temb = layers.TimestepEmbedding(self.temb_dim, dtype=self.dtype, name="time_embedding")(temb.astype(self.dtype))
     if self.class_embed_type == "identity":
       temb = temb + class_labels.astype(self.dtype)
-    context, bias = None, None
+    context, mask = None, None
     if self.has_attention:
       context = encoder_hidden_states.astype(self.dtype)
-      if attention_mask is not None:
-        bias = layers.attention_bias_from_mask(attention_mask, masked_value=MASK_VALUE)   # [B, T]
+      mask = None if attention_mask is None else attention_mask.astype(bool)            # [B, T]
 
     common = dict(head_dim=self.head_dim, time_scale_shift=self.time_scale_shift, groups=self.norm_num_groups,
-                  dropout=self.dropout, deterministic=deterministic, remat=self.remat, dtype=self.dtype)
+                  dropout=self.dropout, deterministic=deterministic, remat=self.remat, attention_impl=self.attention,
+                  dtype=self.dtype)
     x = x.astype(self.dtype)
     if self.center_input_sample:
       x = 2 * x - 1.0
@@ -323,15 +342,15 @@ class UNet(nn.Module):
     skips = [h]
     for i in range(n):
       h, s = DownBlock(chans[i], self.layers_per_block, self.attention_levels[i], i < n - 1,
-                       name=f"down_blocks_{i}", **common)(h, temb, context, bias)
+                       name=f"down_blocks_{i}", **common)(h, temb, context, mask)
       skips += s
-    h = MidBlock(chans[-1], 1, self.mid_block_attention, False, name="mid_block", **common)(h, temb, context, bias)
+    h = MidBlock(chans[-1], 1, self.mid_block_attention, False, name="mid_block", **common)(h, temb, context, mask)
     for i in range(n):
       level = n - 1 - i
       take = self.layers_per_block + 1
       level_skips, skips = skips[-take:][::-1], skips[:-take]
       h = UpBlock(chans[level], take, self.attention_levels[level], i < n - 1,
-                  name=f"up_blocks_{i}", **common)(h, level_skips, temb, context, bias)
+                  name=f"up_blocks_{i}", **common)(h, level_skips, temb, context, mask)
     h = nn.silu(_group_norm(self.norm_num_groups, self.dtype, "conv_norm_out")(h))
     return _conv(self.out_channels, 3, self.dtype, "conv_out", zero_init=True)(h).astype(jnp.float32)
 
@@ -342,6 +361,8 @@ class UNet(nn.Module):
                        f"({n} block_out_channels)")
     if self.time_scale_shift not in TIME_SCALE_SHIFTS:
       raise ValueError(f"unknown time_scale_shift {self.time_scale_shift!r}; choose one of {TIME_SCALE_SHIFTS}")
+    if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"unknown attention {self.attention!r}; choose one of {layers.ATTENTION_IMPLEMENTATIONS}")
     if self.class_embed_type not in CLASS_EMBED_TYPES:
       raise ValueError(f"unknown class_embed_type {self.class_embed_type!r}; choose one of {CLASS_EMBED_TYPES}")
     for c in chans:
@@ -462,7 +483,7 @@ def from_config(model_cfg, *, dtype: Dtype | None = None, remat: str | None = No
       freq_shift=get("freq_shift", 0.0), center_input_sample=get("center_input_sample", False),
       norm_num_groups=get("norm_num_groups", 32), dropout=float(get("dropout", 0.0)),
       dtype=jnp.dtype(dtype if dtype is not None else get("dtype", "float32")),
-      remat=remat if remat is not None else get("remat_policy", "none"))
+      remat=remat if remat is not None else get("remat_policy", "none"), attention=get("attention", "auto"))
 
 
 def dummy_inputs(model: UNet, batch: int = 1, size: int | None = None, tokens: int = 1):

@@ -1,0 +1,162 @@
+"""Attention backend selection (XLA / cuDNN flash) and the cuDNN key layout, checked on CPU with XLA standing in.
+
+cuDNN itself needs a CUDA GPU; what can fail here is our side of it: which calls "auto" sends to cuDNN, and that
+the packed-keys-plus-lengths form the cuDNN path uses computes the same attention as diffusers' masked form.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unclip_jax.models import layers, unet as unet_lib
+
+# Keep masks that are not prefixes (a kept key after a masked one), all kept, and one kept.
+MASKS = np.array([[1, 0, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0, 0]], bool)
+
+
+def _qkv(seed=0, b=3, tq=5, s=7, h=2, d=8):
+  r = np.random.default_rng(seed)
+  return tuple(jnp.asarray(r.standard_normal(shape), jnp.float32)
+               for shape in ((b, tq, h, d), (b, s, h, d), (b, s, h, d)))
+
+
+def test_pack_kept_keys_moves_kept_keys_to_the_front_in_order():
+  _, k, v = _qkv()
+  pk, pv, lengths = layers.pack_kept_keys(k, v, jnp.asarray(MASKS))
+  np.testing.assert_array_equal(lengths, MASKS.sum(-1))
+  for row in range(len(MASKS)):
+    n = MASKS[row].sum()
+    np.testing.assert_array_equal(pk[row, :n], k[row, MASKS[row]])
+    np.testing.assert_array_equal(pv[row, :n], v[row, MASKS[row]])
+
+
+def test_packed_keys_with_lengths_equal_the_masked_attention():
+  q, k, v = _qkv(1)
+  bias = layers.attention_bias_from_mask(jnp.asarray(MASKS))[:, None, None, :]          # [B, 1, 1, S]
+  want = layers.dot_product_attention(q, k, v, bias, implementation="xla")
+  pk, pv, lengths = layers.pack_kept_keys(k, v, jnp.asarray(MASKS))
+  got = layers.dot_product_attention(q, pk, pv, key_lengths=lengths, implementation="xla")
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  unmasked = layers.dot_product_attention(q, k, v, implementation="xla")
+  assert np.abs(np.asarray(unmasked) - np.asarray(want)).max() > 1e-2       # the mask matters in this example
+
+
+@pytest.mark.parametrize("cuda,dtype,head_dim,has_bias,want", [
+    (True, jnp.bfloat16, 64, False, "cudnn"), (True, jnp.float16, 128, False, "cudnn"),
+    (True, jnp.float32, 64, False, "xla"),         # cuDNN flash attention is fp16/bf16 only
+    (True, jnp.bfloat16, 160, False, "xla"),       # > 128 only on Hopper and later
+    (True, jnp.bfloat16, 60, False, "xla"),        # not a multiple of 8
+    (True, jnp.bfloat16, 64, True, "xla"),         # additive bias: XLA
+    (False, jnp.bfloat16, 64, False, "xla"),       # CPU, TPU, ROCm
+])
+def test_auto_attention_rule(cuda, dtype, head_dim, has_bias, want):
+  assert layers.auto_attention(cuda=cuda, dtype=dtype, head_dim=head_dim, has_bias=has_bias) == want
+
+
+def test_resolve_attention_here_and_bad_names():
+  assert jax.default_backend() == "cpu"
+  assert layers.resolve_attention("auto", jnp.bfloat16, 64, has_bias=False) == "xla"
+  assert layers.resolve_attention("xla", jnp.bfloat16, 64, has_bias=True) == "xla"
+  with pytest.raises(ValueError, match="needs a CUDA GPU"):
+    layers.resolve_attention("cudnn", jnp.bfloat16, 64, has_bias=False)
+  with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
+    layers.resolve_attention("flash", jnp.bfloat16, 64, has_bias=False)
+
+
+# ---- the UNet's cuDNN layout ------------------------------------------------------------------------------------
+def _tiny_unet(**kw):
+  return unet_lib.UNet(in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                       attention_levels=(False, True), mid_block_attention=True, head_dim=8, cross_attention_dim=12,
+                       class_embed_type=None, norm_num_groups=8, **kw)
+
+
+def _inputs(seed=0):
+  r = np.random.default_rng(seed)
+  x = jnp.asarray(r.standard_normal((3, 8, 8, 3)), jnp.float32)
+  ctx = jnp.asarray(r.standard_normal((3, 7, 12)), jnp.float32)
+  return x, jnp.asarray([3, 500, 999]), ctx, jnp.asarray(MASKS)
+
+
+def _randomized(params, scale=0.3):
+  leaves, tree = jax.tree.flatten(params)
+  r = np.random.default_rng(1)
+  return tree.unflatten([jnp.asarray(scale * r.standard_normal(x.shape), x.dtype) for x in leaves])
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+  """Pretends the backend is a CUDA GPU and runs every 'cudnn' call with XLA; records what each call got."""
+  calls = []
+  attend = layers._attend
+
+  def xla_for_cudnn(q, k, v, *, bias=None, key_lengths=None, implementation="xla"):
+    calls.append({"impl": implementation, "bias": bias is not None, "lengths": key_lengths is not None,
+                  "dtype": q.dtype})
+    return attend(q, k, v, bias=bias, key_lengths=key_lengths, implementation="xla")
+
+  monkeypatch.setattr(layers, "_is_cuda", lambda: True)
+  monkeypatch.setattr(layers, "_attend", xla_for_cudnn)
+  return calls
+
+
+def test_unet_cudnn_layout_equals_the_diffusers_layout(fake_cuda):
+  x, t, ctx, mask = _inputs()
+  ref = _tiny_unet(attention="xla")
+  params = ref.init(jax.random.key(0), x, t, encoder_hidden_states=ctx, attention_mask=mask)["params"]
+  params = _randomized(params)                   # the init zeroes the output projections (attention would not count)
+  want = ref.apply({"params": params}, x, t, encoder_hidden_states=ctx, attention_mask=mask)
+  assert fake_cuda and all(c["impl"] == "xla" and c["bias"] for c in fake_cuda)
+  fake_cuda.clear()
+  got = _tiny_unet(attention="cudnn").apply({"params": params}, x, t, encoder_hidden_states=ctx, attention_mask=mask)
+  assert len(fake_cuda) == 4                     # level 1: one down, two up (L+1); one in the mid block
+  assert all(c["impl"] == "cudnn" and not c["bias"] and c["lengths"] for c in fake_cuda)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  unmasked = ref.apply({"params": params}, x, t, encoder_hidden_states=ctx)
+  assert np.abs(np.asarray(unmasked) - np.asarray(want)).max() > 1e-2     # the text mask matters in this example
+
+
+def test_unet_auto_picks_cudnn_only_in_half_precision(fake_cuda):
+  x, t, ctx, mask = _inputs(1)
+  net = _tiny_unet(attention="auto", dtype=jnp.bfloat16)
+  params = jax.eval_shape(lambda: net.init(jax.random.key(0), x, t, encoder_hidden_states=ctx,
+                                           attention_mask=mask))["params"]
+  fake_cuda.clear()
+  jax.eval_shape(lambda p: net.apply({"params": p}, x, t, encoder_hidden_states=ctx, attention_mask=mask), params)
+  assert fake_cuda and all(c["impl"] == "cudnn" and c["dtype"] == jnp.bfloat16 for c in fake_cuda)
+  fake_cuda.clear()
+  jax.eval_shape(lambda p: net.clone(dtype=jnp.float32).apply({"params": p}, x, t, encoder_hidden_states=ctx,
+                                                                attention_mask=mask), params)
+  assert fake_cuda and all(c["impl"] == "xla" for c in fake_cuda)
+
+
+def test_auto_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+  """A trace-time refusal (old cuDNN, unsupported shape) under "auto" warns and runs XLA; "cudnn" raises it."""
+  attend = layers._attend
+
+  def refusing(q, k, v, *, implementation="xla", **kw):
+    if implementation == "cudnn":
+      raise NotImplementedError("cuDNN 8.8 is too old")
+    return attend(q, k, v, implementation=implementation, **kw)
+
+  monkeypatch.setattr(layers, "_is_cuda", lambda: True)
+  monkeypatch.setattr(layers, "_attend", refusing)
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2))
+  with pytest.warns(RuntimeWarning, match="cuDNN 8.8 is too old"):
+    got = layers.dot_product_attention(q, k, v)
+  np.testing.assert_array_equal(got, layers.dot_product_attention(q, k, v, implementation="xla"))
+  with pytest.raises(NotImplementedError, match="too old"):
+    layers.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def test_unet_rejects_an_unknown_attention():
+  x, t, ctx, mask = _inputs()
+  with pytest.raises(ValueError, match="unknown attention 'flash'"):
+    _tiny_unet(attention="flash").init(jax.random.key(0), x, t, encoder_hidden_states=ctx, attention_mask=mask)
+
+
+def test_decoder_config_attention_reaches_the_unet():
+  from unclip_jax import config_lib
+
+  cfg = config_lib.load_config("configs/decoder.py:tiny", ["model.attention=xla"])
+  assert unet_lib.from_config(cfg.model).attention == "xla"
+  assert unet_lib.from_config(config_lib.load_config("configs/decoder.py:tiny").model).attention == "auto"
