@@ -315,6 +315,7 @@ def run_ablations(pipe, batch: int, args) -> list[dict]:
   from unclip_jax import decoder_lib
   from unclip_jax.diffusion import samplers, schedules
   from unclip_jax.diffusion.gaussian import GaussianDiffusion
+  from unclip_jax.models import layers
 
   dc = pipe.decoder_cfg
   diffusion = GaussianDiffusion.from_config(dc.diffusion)
@@ -363,8 +364,6 @@ def run_ablations(pipe, batch: int, args) -> list[dict]:
     unet = pipe.unet.clone(attention="xla")
     return samplers.sample(decoder_lib.model_fn_for(unet, p["unet"], kwargs_of(p)), x, r,
                            diffusion=diffusion, steps=steps, settings=settings)
-
-  from unclip_jax.models import layers
 
   auto = layers.resolve_attention(pipe.unet.attention, jnp.dtype(pipe.unet.dtype), pipe.unet.head_dim,
                                   has_bias=False)

@@ -158,18 +158,15 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     try:
       return _attend(q, k, v, bias=bias, key_lengths=key_lengths, implementation="cudnn")
     except (NotImplementedError, RuntimeError) as e:   # raised while tracing: this cuDNN / GPU cannot run it
-      _warn_cudnn_fallback(e)                         # (auto sends no bias to cuDNN)
+      _warn_cudnn_fallback(f"{type(e).__name__}: {e}")   # (auto sends no bias to cuDNN)
       impl = "xla"
   return _attend(q, k, v, bias=bias, key_lengths=key_lengths, implementation=impl)
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_cudnn_fallback_once(message: str) -> None:
+def _warn_cudnn_fallback(reason: str) -> None:
+  """Warns once per distinct reason (every attention layer of a model would otherwise repeat it)."""
   import warnings
 
-  warnings.warn(f"attention 'auto': cuDNN flash attention is not available here ({message}); using XLA",
+  warnings.warn(f"attention 'auto': cuDNN flash attention is not available here ({reason}); using XLA",
                 RuntimeWarning, stacklevel=3)
-
-
-def _warn_cudnn_fallback(error: Exception) -> None:
-  _warn_cudnn_fallback_once(f"{type(error).__name__}: {error}")
