@@ -135,7 +135,7 @@ def build_pipeline(cfgs, *, dtype: str, param_dtype: str, seed: int, abstract: b
                 "super_res_last": (cfgs["super_res"], cast(sr_params[1]))}
   if not abstract:
     common.block(jax.tree.leaves({k: v[1] for k, v in components.items()}))
-  return UnCLIP(components, dtype=dtype)
+  return UnCLIP(components, dtype=dtype, devices=jax.devices()[:1])          # one device, as the peer
 
 
 def run_chain(pipe, prompts, noise, compile_s: dict | None = None) -> dict[str, float]:

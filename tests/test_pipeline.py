@@ -191,3 +191,25 @@ def test_cli_fills_the_compilation_cache_it_is_given(bundle_dir, tmp_path):
   assert len(list((tmp_path / "xla").iterdir())) >= 2          # at least the decoder and super-res samplers
   cli("")
   assert not (tmp_path / "env-cache").exists()
+
+
+def test_pipeline_shards_rows_over_devices_and_matches_one_device(bundle_dir, pipe):
+  """8 (forced CPU) devices: weights replicated, an 8-row batch sharded by rows, a 3-row one replicated; the images
+  equal the one-device pipeline's (the noise is drawn the same way on any mesh)."""
+  from unclip_jax.inference.pipeline import StageNoise
+
+  assert jax.device_count() == 8 and pipe.mesh.size == 1           # CPU default: one device
+  pipe8 = UnCLIP.from_bundle(bundle_dir, devices=jax.devices())
+  assert pipe8.mesh.size == 8 and len(jax.tree.leaves(pipe8.decoder_params)[0].sharding.device_set) == 8
+  prompts = ["a red circle", "a blue square", "a green triangle", "a purple circle"] * 2
+  noise = StageNoise.from_key(jax.random.key(3))
+  one, eight = pipe.run(pipe.encode_text(prompts), noise), pipe8.run(pipe8.encode_text(prompts), noise)
+  for name in ("image_emb", "low_res", "images"):
+    assert eight[name].sharding.spec == jax.sharding.PartitionSpec("data"), name
+    assert len(eight[name].addressable_shards) == 8 and eight[name].addressable_shards[0].data.shape[0] == 1
+    np.testing.assert_allclose(np.asarray(eight[name]), np.asarray(one[name]), atol=2e-4, rtol=0, err_msg=name)
+  g1 = pipe.generate(prompts[:3], seed=1, batch_size=3)
+  g8 = pipe8.generate(prompts[:3], seed=1, batch_size=3)               # 3 rows on 8 devices: replicated
+  assert np.abs(g8.images.astype(int) - g1.images.astype(int)).max() <= 1
+  with pytest.raises(ValueError, match="at least one device"):
+    UnCLIP.from_bundle(bundle_dir, devices=[])

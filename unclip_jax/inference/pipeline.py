@@ -12,6 +12,11 @@ batch j uses `fold_in(key(seed), j)`, so outputs depend on the seed and the batc
 
 The uncond branch of each guided stage sees what that model was trained with: the stage config's `null_text`
 ("zeros": zero text, every token masked; "empty_prompt": the CLIP encoding of "", as Karlo / diffusers).
+
+Devices: the weights are replicated over a 1-D ("data",) mesh of `devices` (default: every local accelerator; one
+device on CPU, where host "devices" share the same cores) and every batch whose rows divide evenly over them is
+sharded by rows (else each device computes all of it). The noise is drawn the same way on any mesh, so the
+images do not depend on the device count.
 """
 from __future__ import annotations
 
@@ -35,6 +40,20 @@ log = logging.getLogger(__name__)
 Params = Any
 SAMPLING_STAGES = ("prior", "decoder", "super_res")
 REQUIRED_COMPONENTS = ("clip", "prior", "decoder")
+
+
+def default_devices() -> list[jax.Device]:
+  """Every local device of an accelerator backend; the first only on CPU (XLA:CPU already uses all cores in one
+  device, and forced host "devices" would split the same cores)."""
+  devices = jax.local_devices()
+  return devices[:1] if devices[0].platform == "cpu" else list(devices)
+
+
+def data_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
+  """1-D mesh ("data",) over `devices`, Auto axis type."""
+  if not devices:
+    raise ValueError("the pipeline needs at least one device")
+  return jax.sharding.Mesh(np.asarray(list(devices)), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def to_uint8(images) -> np.ndarray:
@@ -121,11 +140,13 @@ class UnCLIP:
       "guidance_scale": 4.0, ...}}; the prior also takes "num_candidates".
     dtype: compute dtype of every model (params stay float32).
     progress: show a progress bar per stage (from inside the jitted scans; results are unchanged).
+    devices: where to run (default `default_devices()`): weights replicated, batches sharded by rows when the
+      row count is a multiple of len(devices).
   """
 
   def __init__(self, components: Mapping[str, tuple[mlc.ConfigDict, Params]], *,
                sampling: Mapping[str, Mapping[str, Any]] | None = None, dtype: str = "float32",
-               progress: bool = False):
+               progress: bool = False, devices: Sequence[jax.Device] | None = None):
     from unclip_jax.data import tokenizer as tokenizer_lib
     from unclip_jax.models import clip as clip_lib, prior as prior_model, text_proj as text_proj_lib
     from unclip_jax.models import unet as unet_lib
@@ -139,6 +160,8 @@ class UnCLIP:
       raise KeyError(f"unknown sampling stage(s) {unknown}; choose from {SAMPLING_STAGES}")
     self.dtype = jnp.dtype(dtype)
     self.progress = progress
+    self.mesh = data_mesh(default_devices() if devices is None else devices)
+    components = {name: (cfg, self._replicated(params)) for name, (cfg, params) in components.items()}
 
     clip_cfg, self.clip_params = components["clip"]
     self.clip = clip_lib.from_config(clip_cfg.model, dtype=self.dtype, remat=False)
@@ -188,6 +211,23 @@ class UnCLIP:
       raise FileNotFoundError(f"bundle {path} lacks component(s) {missing} (has {present}); a text-to-image "
                               f"bundle needs {list(REQUIRED_COMPONENTS)} and optionally super_res_first/last")
     return cls({name: bundle.load_component(path, name) for name in present}, **kwargs)
+
+  def _replicated(self, params: Params) -> Params:
+    """Params -> a copy on every device of the mesh (abstract ShapeDtypeStruct leaves are left as they are)."""
+    whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, whole), params)
+
+  def _rows(self, tree):
+    """Batch inputs -> sharded by rows over the mesh where the leading size divides evenly, else replicated
+    (keys and scalars are replicated). None leaves stay None."""
+    n = self.mesh.size
+    rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def put(x):
+      shape = np.shape(x)
+      return jax.device_put(x, rows if shape and shape[0] % n == 0 else whole)
+    return jax.tree.map(put, tree)
 
   def _bar(self, cfg, desc: str):
     return samplers.ProgressBar(num_steps(cfg), desc=desc) if self.progress else None
@@ -294,8 +334,8 @@ class UnCLIP:
     if isinstance(prompts, str):
       prompts = [prompts]
     ids, mask = self.tokenizer.tokenize(list(prompts))
-    emb, enc = self._encode_text(self.clip_params, jnp.asarray(ids))
-    return TextEncoding(emb, enc, jnp.asarray(mask))
+    emb, enc = self._encode_text(self.clip_params, self._rows(jnp.asarray(ids)))
+    return TextEncoding(emb, enc, self._rows(jnp.asarray(mask)))
 
   def encode_image(self, images: Sequence[np.ndarray]) -> jax.Array:
     """CLIP image embeddings [B, E] of uint8 RGB images of any size (CLIP preprocessing: resize, centre crop)."""
@@ -305,8 +345,8 @@ class UnCLIP:
       raise ValueError("the bundle's clip component has no image tower (needed for variations, interpolation, "
                        "text diffs and reranking)")
     size = self.clip.config.vision.image_size
-    return self._encode_image(self.clip_params, jnp.asarray(image_processing.preprocess(images, size=size,
-                                                                                        crop_size=size)))
+    return self._encode_image(self.clip_params, self._rows(jnp.asarray(image_processing.preprocess(
+        images, size=size, crop_size=size))))
 
   def _null(self, cfg, batch: int) -> TextEncoding | None:
     if cfg.get("null_text", "zeros") != "empty_prompt":
@@ -317,8 +357,8 @@ class UnCLIP:
   def sample_prior(self, text: TextEncoding, rng: jax.Array, x_T: jax.Array | None = None) -> jax.Array:
     """CLIP image embeddings [B, E] for the text (x_T: [num_candidates·B, E], candidate-major)."""
     null = self._null(self.prior_cfg, text.emb.shape[0])
-    return self._prior(self.prior_params, text.as_prior_cond(), rng, None if null is None else null.as_prior_cond(),
-                       x_T)
+    return self._prior(self.prior_params, *self._rows((text.as_prior_cond(), rng,
+                                                       None if null is None else null.as_prior_cond(), x_T)))
 
   def decoder_cond(self, image_emb: jax.Array, text: TextEncoding) -> decoder_lib.DecoderCond:
     return decoder_lib.DecoderCond(image_emb, text.emb, text.enc, text.mask)
@@ -331,12 +371,12 @@ class UnCLIP:
       x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (b, self.decoder_size, self.decoder_size, 3))
     null = self._null(self.decoder_cfg, b)
     null = None if null is None else null.as_prior_cond()
-    return self._decoder(self.decoder_params, self.decoder_cond(image_emb, text), x_T, rng, null, inpaint_image,
-                         inpaint_mask)
+    return self._decoder(self.decoder_params, *self._rows((self.decoder_cond(image_emb, text), x_T, rng, null,
+                                                           inpaint_image, inpaint_mask)))
 
   def invert(self, images: jax.Array, image_emb: jax.Array, text: TextEncoding) -> jax.Array:
     """DDIM (η = 0) inversion of decoder-size images [B, s, s, 3] in [-1, 1] -> x_T, conditioned on image_emb."""
-    return self._invert(self.decoder_params, self.decoder_cond(image_emb, text), images)
+    return self._invert(self.decoder_params, *self._rows((self.decoder_cond(image_emb, text), images)))
 
   def upsample(self, low_res: jax.Array, rng: jax.Array, x_T: jax.Array | None = None) -> jax.Array:
     """Super-resolution of decoder outputs (identity when the bundle has no upsampler)."""
@@ -345,7 +385,7 @@ class UnCLIP:
     if x_T is None:
       size = self.image_size
       x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (low_res.shape[0], size, size, 3))
-    return self._super_res(self.sr_first, self.sr_last, low_res, x_T, rng)
+    return self._super_res(self.sr_first, self.sr_last, *self._rows((low_res, x_T, rng)))
 
   def run(self, text: TextEncoding, noise: StageNoise, *, image_emb: jax.Array | None = None) -> dict[str, jax.Array]:
     """The whole chain for one batch: {"image_emb", "low_res", "images"} (images in [-1, 1])."""
