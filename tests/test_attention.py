@@ -115,6 +115,24 @@ def test_unet_cudnn_layout_equals_the_diffusers_layout(fake_cuda):
   assert np.abs(np.asarray(unmasked) - np.asarray(want)).max() > 1e-2     # the text mask matters in this example
 
 
+def test_unet_cudnn_layout_has_the_same_gradients(fake_cuda):
+  """Training through the packed layout (a gather of the kept keys) gives the diffusers layout's gradients."""
+  x, t, ctx, mask = _inputs(2)
+  ref = _tiny_unet(attention="xla")
+  params = _randomized(ref.init(jax.random.key(0), x, t, encoder_hidden_states=ctx, attention_mask=mask)["params"])
+
+  def grads(net):
+    loss = lambda p, c: jnp.mean(net.apply({"params": p}, x, t, encoder_hidden_states=c, attention_mask=mask) ** 2)
+    return jax.grad(loss, argnums=(0, 1))(params, ctx)
+
+  (want_p, want_c), (got_p, got_c) = grads(ref), grads(_tiny_unet(attention="cudnn"))
+  assert any(c["impl"] == "cudnn" for c in fake_cuda)
+  np.testing.assert_allclose(got_c, want_c, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(want_c)[~MASKS], 0.0)        # masked tokens get no gradient either way
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_p), jax.tree.leaves(want_p)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_unet_auto_picks_cudnn_only_in_half_precision(fake_cuda):
   x, t, ctx, mask = _inputs(1)
   net = _tiny_unet(attention="auto", dtype=jnp.bfloat16)
