@@ -161,15 +161,19 @@ def test_cli_bad_inputs_fail_before_compute(bundle_dir, tmp_path, capsys):
 
 
 def test_compilation_cache_folder_resolution(monkeypatch, tmp_path):
+  from unclip_jax import compilation_cache as cc
+
   monkeypatch.delenv("UNCLIP_JAX_CACHE", raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-  assert sample.compilation_cache_dir(None) == tmp_path / "xdg" / "unclip_jax" / "xla"
+  assert cc.default_dir() == tmp_path / "xdg" / "unclip_jax" / "xla"
+  assert cc.resolve(None, cc.default_dir()) == tmp_path / "xdg" / "unclip_jax" / "xla"
+  assert cc.resolve(None) is None                                      # train: no cache unless asked
   monkeypatch.setenv("UNCLIP_JAX_CACHE", str(tmp_path / "env"))
-  assert sample.compilation_cache_dir(None) == tmp_path / "env"
-  assert sample.compilation_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
-  assert sample.compilation_cache_dir("") is None
+  assert cc.resolve(None, cc.default_dir()) == tmp_path / "env"
+  assert cc.resolve(str(tmp_path / "flag")) == tmp_path / "flag"
+  assert cc.resolve("") is None
   monkeypatch.setenv("UNCLIP_JAX_CACHE", "")
-  assert sample.compilation_cache_dir(None) is None
+  assert cc.resolve(None, cc.default_dir()) is None
 
 
 @pytest.mark.slow

@@ -52,8 +52,9 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   if flags.FLAGS.distributed == "on" or (flags.FLAGS.distributed == "auto" and _multihost_detected()):
     initialize_distributed()
-  if flags.FLAGS.compilation_cache:
-    jax.config.update("jax_compilation_cache_dir", flags.FLAGS.compilation_cache)
+  from unclip_jax import compilation_cache
+
+  compilation_cache.enable(compilation_cache.resolve(flags.FLAGS.compilation_cache))
 
   from unclip_jax.parallel import mesh as mesh_lib
   from unclip_jax.train import loop, stages
