@@ -64,10 +64,14 @@ def compiled_memory(compiled) -> dict[str, int] | None:
           "temporaries": int(m.temp_size_in_bytes), "aliased": int(m.alias_size_in_bytes)}
 
 
+def total_bytes(memory: dict[str, int] | None) -> int | None:
+  """A `compiled_memory` dict -> arguments + outputs + temporaries - aliased (donated) bytes (None stays None)."""
+  return None if memory is None else memory["arguments"] + memory["outputs"] + memory["temporaries"] - memory["aliased"]
+
+
 def compiled_memory_bytes(compiled) -> int | None:
   """XLA's estimate for one compiled program: arguments + outputs + temporaries - aliased (donated) bytes."""
-  m = compiled_memory(compiled)
-  return None if m is None else m["arguments"] + m["outputs"] + m["temporaries"] - m["aliased"]
+  return total_bytes(compiled_memory(compiled))
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------

@@ -234,16 +234,14 @@ def compile_stages(pipe, batch: int) -> list[dict]:
                             common.abstract(pipe.clip_params), ids)
   text = TextEncoding(emb, enc, sds((b, l), jnp.bool_))
   key = jax.eval_shape(lambda: jax.random.key(0))
-  null = None
-  if pipe.prior_cfg.get("null_text", "zeros") == "empty_prompt":
-    null = TextEncoding(emb, enc, text.mask).as_prior_cond()
+  null = lambda cfg: text.as_prior_cond() if cfg.get("null_text", "zeros") == "empty_prompt" else None  # same shapes
   s, e = pipe.decoder_size, emb.shape[-1]
   image_emb = sds((b, e), jnp.float32)
-  dec_null = null if pipe.decoder_cfg.get("null_text", "zeros") == "empty_prompt" else None
   stages = [("text", pipe._encode_text, (common.abstract(pipe.clip_params), ids)),
-            ("prior", pipe._prior, (common.abstract(pipe.prior_params), text.as_prior_cond(), key, null, None)),
+            ("prior", pipe._prior, (common.abstract(pipe.prior_params), text.as_prior_cond(), key, null(pipe.prior_cfg),
+                                    None)),
             ("decoder", pipe._decoder, (common.abstract(pipe.decoder_params), pipe.decoder_cond(image_emb, text),
-                                        sds((b, s, s, 3), jnp.float32), key, dec_null, None, None))]
+                                        sds((b, s, s, 3), jnp.float32), key, null(pipe.decoder_cfg), None, None))]
   if pipe.sr_cfg is not None:
     size = pipe.image_size
     stages.append(("super_res", pipe._super_res, (common.abstract(pipe.sr_first), common.abstract(pipe.sr_last),

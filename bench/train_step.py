@@ -170,6 +170,7 @@ def bench_one(stage: str, size: str, batch: int, dtype: str, remat: str, repeats
   model = 3.0 * common.jaxpr_flops(lambda p, b, r: loss_fn(p, b, r)[0], common.abstract(state.params),
                                    common.abstract(data), rng)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  memory = common.compiled_memory(compiled)
   step_s, times = None, []
   if not compile_only:
     def one():
@@ -183,8 +184,7 @@ def bench_one(stage: str, size: str, batch: int, dtype: str, remat: str, repeats
          "examples_per_s": step_s and batch / step_s, "xla_flops_per_step": xla, "model_flops_per_step": model,
          "mfu": step_s and common.mfu(model / step_s, info["peak_flops"]),
          "hfu": step_s and common.mfu(xla and xla / step_s, info["peak_flops"]),
-         "xla_mem_bytes": common.compiled_memory_bytes(compiled),
-         "xla_temp_bytes": (common.compiled_memory(compiled) or {}).get("temporaries"),
+         "xla_mem_bytes": common.total_bytes(memory), "xla_temp_bytes": memory and memory["temporaries"],
          "peak_mem_bytes": None if compile_only else common.device_peak_bytes()}
   print(f"[bench] {stage} batch {batch} remat {remat}: compile {compile_s:.1f}s"
         + ("" if compile_only else f", step {step_s:.4f}s"), file=sys.stderr, flush=True)
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--repeats", type=int, default=5, help="timed steps (median reported) after one warm-up step")
   p.add_argument("--compile-only", action="store_true",
                  help="only compile each step from abstract state (nothing allocated or run): compile s, FLOPs and "
-                      "XLA's memory estimate, e.g. to pick a remat policy that fits before renting the device")
+                      "the backend's memory estimate (XLA:CPU's does not show what remat saves: bench/NOTES.md)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="also write the results to this JSON file")
   return p
