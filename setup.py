@@ -14,7 +14,9 @@ setup(
     long_description=(_HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["unclip_jax", "unclip_jax.*"]),
+    # The top-level configs/ folder is installed as the subpackage unclip_jax.configs (built-in configs).
+    packages=find_packages(include=["unclip_jax", "unclip_jax.*"]) + ["unclip_jax.configs"],
+    package_dir={"unclip_jax.configs": "configs"},
     package_data={"unclip_jax": ["assets/*", "assets/**/*"]},
     install_requires=[
         # Ranges we support; requirements/constraints.txt pins the tested combination.

@@ -105,26 +105,24 @@ def build_pipeline(cfgs, *, dtype: str, param_dtype: str, seed: int, abstract: b
   import jax
   import jax.numpy as jnp
 
-  from unclip_jax import prior_lib
+  from unclip_jax import stages
   from unclip_jax.inference.pipeline import UnCLIP
-  from unclip_jax.models import clip as clip_lib, prior as prior_model, text_proj as text_proj_lib
-  from unclip_jax.models import unet as unet_lib
+  from unclip_jax.stages import builders
 
   keys = jax.random.split(jax.random.key(seed), 6)
   init = lambda fn, key, salt: (jax.eval_shape(fn, key) if abstract else
                                 common.random_init(fn, key, seed=seed + salt))
-  clip = clip_lib.from_config(cfgs["clip"].model, dtype="float32", remat=False)
-  clip_params = init(functools.partial(clip_lib.init_params, clip), keys[0], 0)
-  prior = prior_model.from_config(cfgs["prior"].model, dtype="float32", remat=False)
+  clip = stages.get("clip").build(cfgs["clip"], dtype="float32").clip
+  clip_params = init(functools.partial(builders.init_clip, clip), keys[0], 0)
+  prior = stages.get("prior").build(cfgs["prior"], dtype="float32").prior
   e = prior.embedding_dim
-  prior_params = prior_lib.with_clip_stats(init(functools.partial(prior_model.init_params, prior), keys[1], 1),
-                                           jnp.zeros((1, e)), jnp.ones((1, e)))
-  unet = unet_lib.from_config(cfgs["decoder"].model, dtype="float32", remat="none")
-  text_proj = text_proj_lib.from_config(cfgs["decoder"].model, dtype="float32")
-  decoder_params = {"unet": init(functools.partial(unet_lib.init_params, unet), keys[2], 2),
-                    "text_proj": init(functools.partial(text_proj_lib.init_params, text_proj), keys[3], 3)}
-  sr = unet_lib.from_config(cfgs["super_res"].model, dtype="float32", remat="none")
-  sr_params = [init(functools.partial(unet_lib.init_params, sr), keys[4 + i], 4 + i) for i in range(2)]
+  prior_params = stages.get("prior").with_clip_stats(init(functools.partial(builders.init_prior, prior), keys[1], 1),
+                                                     jnp.zeros((1, e)), jnp.ones((1, e)))
+  decoder = stages.get("decoder").build(cfgs["decoder"], dtype="float32")
+  decoder_params = {"unet": init(functools.partial(builders.init_unet, decoder.unet), keys[2], 2),
+                    "text_proj": init(functools.partial(builders.init_text_proj, decoder.text_proj), keys[3], 3)}
+  sr = stages.get("upsampler").build(cfgs["super_res"], dtype="float32").unet
+  sr_params = [init(functools.partial(builders.init_unet, sr), keys[4 + i], 4 + i) for i in range(2)]
   cast = lambda t: t
   if param_dtype != "float32":
     cast = lambda t: jax.tree.map(lambda x: (jax.ShapeDtypeStruct(x.shape, param_dtype) if abstract else
@@ -166,7 +164,7 @@ def stage_flops(pipe, batch: int, source: str) -> dict[str, dict]:
   import jax
   import jax.numpy as jnp
 
-  from unclip_jax import decoder_lib
+  from unclip_jax.stages import decoder as decoder_lib
   from unclip_jax.inference.pipeline import num_steps
   from unclip_jax.models.clip import CLIP
 
@@ -310,14 +308,15 @@ def run_ablations(pipe, batch: int, args) -> list[dict]:
   import jax
   import jax.numpy as jnp
 
-  from unclip_jax import decoder_lib
+  from unclip_jax.stages import decoder as decoder_lib
   from unclip_jax.diffusion import samplers, schedules
   from unclip_jax.diffusion.gaussian import GaussianDiffusion
   from unclip_jax.models import layers
+  from unclip_jax.stages import common as common_stage
 
   dc = pipe.decoder_cfg
   diffusion = GaussianDiffusion.from_config(dc.diffusion)
-  settings = decoder_lib.settings_from_config(dc)
+  settings = common_stage.sampler_settings(dc)
   steps = dc.sampling.steps
   text = pipe.encode_text(prompts_for(batch))
   emb = pipe.sample_prior(text, jax.random.key(1))
@@ -385,7 +384,7 @@ def run_ablations(pipe, batch: int, args) -> list[dict]:
 
 # ---- diffusers -----------------------------------------------------------------------------------------------------
 def _text_proj_cls():
-  try:                                                   # ARCHITECTURE.md §2.1: moved in diffusers 0.38
+  try:                                                   # UnCLIPTextProjModel moved in diffusers 0.38
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
   except ImportError:
     from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
@@ -394,19 +393,19 @@ def _text_proj_cls():
 
 def build_peer(cfgs, *, device: str, dtype: str, seed: int):
   """diffusers UnCLIPPipeline with torch-initialised random weights, built on `device` from our configs' diffusers
-  equivalents (the converters' config writers), components assembled by hand (ARCHITECTURE.md §2.3)."""
+  equivalents (the converters' config writers), components assembled by hand."""
   import diffusers
   import torch
   import transformers
 
-  from unclip_jax import convert
-  from unclip_jax.ckpt import convert_clip, convert_prior, convert_unet
+  from unclip_jax.convert import cli as convert
+  from unclip_jax.convert import clip as convert_clip, prior as convert_prior, unet as convert_unet
   from unclip_jax.data import tokenizer as tok_lib
-  from unclip_jax.models import clip as clip_lib
+  from unclip_jax.stages import builders
 
   torch.manual_seed(seed)
   tdtype = getattr(torch, dtype)
-  clip_cfg = clip_lib.config_from_model_block(cfgs["clip"].model)
+  clip_cfg = builders.clip_config(cfgs["clip"].model)
   with torch.device(device):
     mods = dict(
         prior=diffusers.PriorTransformer.from_config(convert_prior.diffusers_config_from_model(cfgs["prior"].model)),

@@ -54,15 +54,13 @@ def stage_config(stage: str, size: str, *, dtype: str, remat: str):
 
 
 def stage_task(stage: str, cfg, size: str):
-  """(init_params(rng), loss_fn(params, batch, rng), make_batch(b, np_rng) -> numpy dict): what the stage's Task
-  in train/stages.py builds, minus the data iterator (and the prior's data statistics: mean 0, std 1)."""
+  """(init_params(rng), loss_fn(params, batch, rng), make_batch(b, np_rng) -> numpy dict): what the stage's
+  `make_task` builds, minus the data iterator (and the prior's data statistics: mean 0, std 1)."""
   import jax.numpy as jnp
 
-  from unclip_jax.diffusion.gaussian import GaussianDiffusion
-  from unclip_jax.train import stages
+  from unclip_jax import stages
 
   length = TEXT_LENGTH[size]
-  remat = cfg.remat_policy
 
   def embeddings(b, rng, e):
     mask = np.arange(length)[None, :] < rng.integers(1, length + 1, (b, 1))
@@ -73,52 +71,40 @@ def stage_task(stage: str, cfg, size: str):
     return rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32)
 
   if stage == "decoder":
-    from unclip_jax.models import text_proj as text_proj_lib, unet as unet_lib
-
-    unet = unet_lib.from_config(cfg.model, dtype=cfg.dtype, remat=remat)
-    text_proj = text_proj_lib.from_config(cfg.model, dtype=cfg.dtype)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    e, s = text_proj.clip_embeddings_dim, cfg.model.image_size
-
-    def init(rng):
-      import jax
-      u, t = jax.random.split(rng)
-      return {"unet": unet_lib.init_params(unet, u), "text_proj": text_proj_lib.init_params(text_proj, t)}
-    loss = functools.partial(stages.decoder_loss_fn, unet=unet, text_proj=text_proj, diffusion=diffusion,
+    lib = stages.get("decoder")
+    models = lib.build(cfg)
+    e, s = models.text_proj.clip_embeddings_dim, cfg.model.image_size
+    loss = functools.partial(lib.loss_fn, unet=models.unet, text_proj=models.text_proj, diffusion=models.diffusion,
                              clip_drop_prob=cfg.clip_drop_prob, text_drop_prob=cfg.text_drop_prob)
-    return init, loss, lambda b, rng: {"image": images(b, rng, s), **embeddings(b, rng, e)}
+    return (lambda rng: lib.init_params(models, rng)), loss, lambda b, rng: {"image": images(b, rng, s),
+                                                                            **embeddings(b, rng, e)}
 
   if stage == "prior":
-    from unclip_jax import prior_lib
-    from unclip_jax.models import prior as prior_model
-
-    model = prior_model.from_config(cfg.model, dtype=cfg.dtype, remat=remat != "none")
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    lib = stages.get("prior")
+    models = lib.build(cfg)
+    model = models.prior
     e = model.embedding_dim
     if model.num_embeddings != length:
       raise ValueError(f"prior num_embeddings {model.num_embeddings} != text length {length}")
-    init = lambda rng: prior_lib.with_clip_stats(prior_model.init_params(model, rng), jnp.zeros((1, e)),
-                                                 jnp.ones((1, e)))
-    loss = functools.partial(prior_lib.loss_fn, model=model, diffusion=diffusion, text_drop_prob=cfg.text_drop_prob)
+    init = lambda rng: lib.with_clip_stats(lib.init_params(models, rng), jnp.zeros((1, e)), jnp.ones((1, e)))
+    loss = functools.partial(lib.loss_fn, model=model, diffusion=models.diffusion, text_drop_prob=cfg.text_drop_prob)
     return init, loss, lambda b, rng: embeddings(b, rng, e)
 
   if stage == "super_res":
     from unclip_jax.data import degradations
-    from unclip_jax.models import unet as unet_lib
 
-    unet = unet_lib.from_config(cfg.model, dtype=cfg.dtype, remat=remat)
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    loss = functools.partial(stages.upsampler_loss_fn, unet=unet, diffusion=diffusion,
+    lib = stages.get("upsampler")
+    models = lib.build(cfg)
+    loss = functools.partial(lib.loss_fn, unet=models.unet, diffusion=models.diffusion,
                              make_pair=degradations.training_pair_from_config(cfg),
                              conditioning=cfg.model.conditioning, resize_method=cfg.model.resize_method)
     s = cfg.model.image_size
-    return (lambda rng: unet_lib.init_params(unet, rng)), loss, lambda b, rng: {"image": images(b, rng, s)}
+    return (lambda rng: lib.init_params(models, rng)), loss, lambda b, rng: {"image": images(b, rng, s)}
 
   if stage == "clip":
-    from unclip_jax.models import clip as clip_lib
-
-    model = clip_lib.from_config(cfg.model, dtype=cfg.dtype, remat=remat != "none")
-    text, vision = model.config.text, model.config.vision
+    lib = stages.get("clip")
+    models = lib.build(cfg)
+    text, vision = models.clip.config.text, models.clip.config.vision
 
     def make_batch(b, rng):
       ids = rng.integers(1, text.vocab_size - 1, (b, text.context_length)).astype(np.int32)
@@ -127,8 +113,8 @@ def stage_task(stage: str, cfg, size: str):
       ids[np.arange(text.context_length)[None, :] > ends[:, None]] = 0
       px = rng.standard_normal((b, vision.image_size, vision.image_size, vision.num_channels)).astype(np.float32)
       return {"ids": ids, "pixels": px}
-    return (lambda rng: clip_lib.init_params(model, rng)), functools.partial(stages.clip_loss_fn, model=model,
-                                                                             mesh=None), make_batch
+    return ((lambda rng: lib.init_params(models, rng)), functools.partial(lib.loss_fn, model=models.clip, mesh=None),
+            make_batch)
   raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
 
 

@@ -3,7 +3,7 @@
 PCA to `num_components` (319) dimensions, each quantised into `num_buckets` (1024) buckets, predicted by a causal
 transformer after [caption tokens, text embedding, quantised text·image cosine]. PCA and quantisers are fitted on
 `stats_examples` training embeddings before step 0 and stored as frozen parameters (`stats/...`).
-`model` is read by `unclip_jax.models.ar_prior.from_config`.
+`model` is read by `unclip_jax.stages.builders.ar_prior`; remat is the top-level `remat_policy`.
 """
 import ml_collections as mlc
 
@@ -19,7 +19,7 @@ def get_config(arg: str = ""):
   c.model = mlc.ConfigDict(dict(
       vocab_size=49408, embedding_dim=768, text_len=77,
       num_components=319, num_buckets=1024, num_dot_buckets=1024,
-      width=1024, num_layers=24, num_heads=16, remat=False,
+      width=1024, num_layers=24, num_heads=16,
   ))
   c.text_drop_prob = 0.1
   c.stats_examples = 100_000     # embeddings used to fit the PCA and the quantisers

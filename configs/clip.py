@@ -1,8 +1,8 @@
 """CLIP: causal text transformer + ViT image encoder, contrastive training.
 
-Variants: "tiny" (tests; ARCHITECTURE.md §13 sizes), "vit_b32" and "vit_l14" (the published OpenAI sizes; unCLIP
-uses ViT-L/14). `model` is read by `unclip_jax.models.clip.from_config`; HF folders map onto the same fields through
-`unclip_jax.ckpt.convert_clip.config_from_hf`.
+Variants: "tiny" (tests), "vit_b32" and "vit_l14" (the published OpenAI sizes; unCLIP uses ViT-L/14), "shapes"
+(the embedded default model). `model` is read by `unclip_jax.stages.builders.clip`; HF folders map onto the same
+fields through `unclip_jax.convert.clip.config_from_hf`. Remat: the top-level `remat_policy`.
 """
 import ml_collections as mlc
 
@@ -24,7 +24,6 @@ def get_config(arg: str = ""):
                   num_channels=3, layer_norm_eps=1e-5),
       logit_scale=True,                 # learnable temperature (CLIPModel); needs both towers and projections
       logit_scale_init=2.6592, logit_scale_max=100.0,
-      remat=False,
   ))
   if variant == "vit_b32":
     c.model.projection_dim = 512

@@ -1,11 +1,11 @@
 """64x64 decoder: GLIDE/ADM UNet conditioned on CLIP image embeddings and text (Karlo decoder sizes).
 
-`model` is read by `unclip_jax.models.unet.from_config` (UNet fields) and by the text pathway named in
+`model` is read by `unclip_jax.stages.builders.unet` (UNet fields) and by the text pathway named in
 `model.text_encoder`:
-  "text_proj" (Karlo): `unclip_jax.models.text_proj.from_config` (clip_embedding_dim, clip_extra_context_tokens,
-    cross_attention_dim; time_embed_dim = 4·block_out_channels[0]);
-  "glide": `unclip_jax.models.glide_text.from_config` (text_ctx, xf_width = cross_attention_dim, xf_layers,
-    xf_heads, xf_final_ln, xf_padding, n_vocab).
+  "text_proj" (Karlo): `builders.text_proj` (clip_embedding_dim, clip_extra_context_tokens, cross_attention_dim;
+    time_embed_dim, None = 4·block_out_channels[0]);
+  "glide": `builders.glide_text` (text_ctx, xf_width = cross_attention_dim, xf_layers, xf_heads, xf_final_ln,
+    xf_padding, n_vocab).
 The tiny variant runs either: `--config.model.text_encoder=glide` switches it to a 2-layer GLIDE text encoder.
 Compute dtype and remat policy are the top-level `dtype` / `remat_policy` (config_lib.base_config).
 """
@@ -30,17 +30,23 @@ def get_config(arg: str = ""):
       attention="auto",             # "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, else XLA) | "xla" | "cudnn"
       cross_attention_dim=1536, class_embed_type="identity",
       time_scale_shift="scale_shift", norm_num_groups=32, dropout=0.1,
+      time_embed_dim=None,          # None: 4·block_out_channels[0]
+      flip_sin_to_cos=True, freq_shift=0.0, center_input_sample=False,   # timestep sinusoid / input options
       clip_embedding_dim=768, clip_extra_context_tokens=4,     # text_proj
       text_encoder="text_proj",     # "text_proj" (Karlo: CLIP text + image embeddings) | "glide" (GLIDE transformer)
-      # GLIDE text transformer (§10.2; used when text_encoder == "glide"): GPT-2 BPE, end_token = n_vocab - 1.
+      # GLIDE text transformer (used when text_encoder == "glide"): GPT-2 BPE, end_token = n_vocab - 1.
       text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True, n_vocab=50257,
   ))
   c.diffusion = config_lib.diffusion_config(prediction="eps", variance="learned_range", loss="hybrid")
   c.sampling = config_lib.sampling_config(steps="25", guidance_scale=8.0, clip_range=1.0)
+  c.sampling.update(config_lib.inpainting_config())
   c.clip_drop_prob = 0.1
   c.text_drop_prob = 0.5
+  # What dropped text (training) and the uncond branch (sampling) see: "zeros" (zero embedding/tokens, all tokens
+  # masked) or "empty_prompt" (the CLIP encoding of "", as Karlo and diffusers' UnCLIPPipeline).
+  c.null_text = "zeros"
   if variant == "glide":
-    # GLIDE base trunk (§10.3); the text comes from GlideTextEncoder (xf_width 512), no text_proj.
+    # GLIDE base trunk (Nichol et al. 2021); the text comes from GlideTextEncoder (xf_width 512), no text_proj.
     c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512, text_encoder="glide")
     c.sampling.update(steps="100", guidance_scale=3.0)
     c.text_drop_prob = 0.2          # GLIDE: 20% of captions replaced by the empty token sequence

@@ -1,4 +1,7 @@
-"""Diffusion prior: CLIP text -> CLIP image embedding (Karlo PriorTransformer sizes)."""
+"""Diffusion prior: CLIP text -> CLIP image embedding (Karlo PriorTransformer sizes).
+
+`model` is read by `unclip_jax.stages.builders.prior`; remat is the top-level `remat_policy`.
+"""
 import ml_collections as mlc
 
 from unclip_jax import config_lib
@@ -17,7 +20,6 @@ def get_config(arg: str = ""):
       additional_embeddings=4,    # [text_emb, time, x_t, prd]
       normalization="clip_stats",  # "clip_stats" (per-dim clip_mean/clip_std, Karlo) or "sqrt_dim"
       dropout=0.0,                 # diffusers field; the model has no dropout (Karlo trains with 0)
-      remat=False,                 # nn.remat each transformer block
       scan_layers=False,           # nn.scan the blocks (stacked params; prior.stack_blocks converts)
   ))
   c.diffusion = config_lib.diffusion_config(prediction="x0", variance="fixed_small_log", loss="mse")
@@ -32,7 +34,7 @@ def get_config(arg: str = ""):
   c.optim.update(lr=1.1e-4, weight_decay=6e-2, frozen=("clip_mean", "clip_std"))
   if variant == "shapes":
     c.model.update(embedding_dim=64, num_embeddings=16, num_layers=4, num_heads=4, head_dim=32)
-    # guidance 2 (not Karlo's 4): chosen from {1, 1.5, 2, 3} by adherence of the whole chain (eval_shapes, seed 1)
+    # guidance 2 (not Karlo's 4): chosen from {1, 1.5, 2, 3} by adherence of the whole chain (shapes.evaluate, seed 1)
     c.sampling.guidance_scale = 2.0
     c.batch_size = 128
     c.num_train_steps = 2000

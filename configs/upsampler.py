@@ -1,6 +1,7 @@
 """Super-resolution UNets 64->256 and 256->1024: conv-only, conditioned on the upsampled low-res image.
 
-`model` is read by `unclip_jax.models.unet.from_config`; the input is [x_t, bicubic(low_res)] (`unet.model_input`).
+`model` is read by `unclip_jax.stages.builders.unet`; the input is [x_t, bicubic(low_res)]
+(`unclip_jax.stages.common.model_input`).
 Compute dtype and remat policy are the top-level `dtype` / `remat_policy` (config_lib.base_config).
 """
 import ml_collections as mlc
@@ -23,6 +24,9 @@ def get_config(arg: str = ""):
       attention_levels=(False, False, False, False), mid_block_attention=False, head_dim=8,
       cross_attention_dim=None, class_embed_type=None,
       time_scale_shift="default", norm_num_groups=32, dropout=0.0,
+      time_embed_dim=None,          # None: 4·block_out_channels[0]
+      flip_sin_to_cos=True, freq_shift=0.0, center_input_sample=False,
+      attention="auto",             # unused (no attention), declared because every UNet block has it
       resize_method="bicubic",      # = torch bicubic + antialias (Karlo); "bilinear" for GLIDE
   ))
   c.diffusion = config_lib.diffusion_config(prediction="eps", variance="fixed_small_log", loss="mse")

@@ -36,8 +36,8 @@ step() {   # step NAME COMMAND...: runs once (skipped when OUT/.done.NAME exists
 }
 data="$out/data"
 full="$data/image_text/full/1.0.0"; train="$data/image_text/train/1.0.0"; emb="$data/embeddings/train_clip/1.0.0"
-step data bash -c "'$py' -m unclip_jax.data.shapes --out '$data' --n $n --size 64 --name full --seed 0 --overwrite && \
-  '$py' -m unclip_jax.data.shapes --out '$data' --n $n --size 64 --name train --seed 1 --holdout '$holdout' --overwrite"
+step data bash -c "'$py' -m unclip_jax.shapes.data --out '$data' --n $n --size 64 --name full --seed 0 --overwrite && \
+  '$py' -m unclip_jax.shapes.data --out '$data' --n $n --size 64 --name train --seed 1 --holdout '$holdout' --overwrite"
 step clip "$py" -m unclip_jax.train --config=configs/clip.py:shapes --workdir="$out/clip" \
   --config.data.dirs="('$full',)"
 step embed "$py" -m unclip_jax.data.precompute --data "$train" --clip "$out/clip" --out "$data" --name train_clip \

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from unclip_jax.models import layers, unet as unet_lib
+from unclip_jax.stages import builders
 
 # Keep masks that are not prefixes (a kept key after a masked one), all kept, and one kept.
 MASKS = np.array([[1, 0, 1, 1, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0, 0]], bool)
@@ -176,5 +177,5 @@ def test_decoder_config_attention_reaches_the_unet():
   from unclip_jax import config_lib
 
   cfg = config_lib.load_config("configs/decoder.py:tiny", ["model.attention=xla"])
-  assert unet_lib.from_config(cfg.model).attention == "xla"
-  assert unet_lib.from_config(config_lib.load_config("configs/decoder.py:tiny").model).attention == "auto"
+  assert builders.unet(cfg.model).attention == "xla"
+  assert builders.unet(config_lib.load_config("configs/decoder.py:tiny").model).attention == "auto"

@@ -123,7 +123,7 @@ def test_load_errors_name_the_file(prior, tmp_path):
   with pytest.raises(FileNotFoundError, match="component config not found: .*prior/config.json"):
     bundle.load_component(tmp_path, "prior")
   # A config whose model no longer matches the stored params: the first bad key is named.
-  d = bundle.config_to_dict(cfg)
+  d = config_lib.to_dict(cfg)
   d["model"]["num_layers"] = 1
   (folder / "config.json").write_text(json.dumps(d))
   with pytest.raises(ValueError, match="params.safetensors: unexpected parameter 'transformer_blocks_1/attn1/to_k/"):
@@ -192,8 +192,9 @@ def test_manifest_checks(prior, tmp_path):
 # ---- export from a real training run ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_prior(tmp_path_factory):
+  from unclip_jax import stages
   from unclip_jax.data import builders
-  from unclip_jax.train import loop, stages
+  from unclip_jax.train import loop
 
   root = tmp_path_factory.mktemp("train")
   rng = np.random.default_rng(0)
@@ -234,7 +235,7 @@ def test_export_from_training_errors(trained_prior, tmp_path):
     bundle.export_from_training(tmp_path / "missing", tmp_path, "prior")
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 7"):
     bundle.export_from_training(workdir, tmp_path, "prior", step=7)
-  from unclip_jax import convert
+  from unclip_jax.convert import cli as convert
 
   code = convert.main(["from-training", str(tmp_path / "b"), "--workdir", str(workdir), "--component", "prior"])
   assert code == 0 and bundle.list_components(tmp_path / "b") == ["prior"]

@@ -9,7 +9,7 @@ import torch
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from transformers.models.clip import modeling_clip
 
-from unclip_jax.models import clip_losses
+from unclip_jax.stages import clip as clip_losses
 
 
 def _embeds(batch=16, dim=8, seed=0):

@@ -11,6 +11,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from unclip_jax import config_lib
 from unclip_jax.models import clip as clip_lib
+from unclip_jax.stages import builders
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "clip.py")
 
@@ -23,8 +24,8 @@ def _n_params(tree):
 def test_published_sizes(variant, text_m, vision_m):
   """Parameter counts of the OpenAI models (text tower + projection, image tower + projection, logit_scale)."""
   cfg = config_lib.load_config(f"{CONFIG}:{variant}")
-  model = clip_lib.from_config(cfg.model)
-  shapes = clip_lib.abstract_params(model)
+  model = builders.clip(cfg.model)
+  shapes = builders.abstract(builders.init_clip, model)
   text = _n_params({k: shapes[k] for k in ("text_model", "text_projection")})
   vision = _n_params({k: shapes[k] for k in ("vision_model", "visual_projection")})
   assert abs(text / 1e6 - text_m) < 0.01 and abs(vision / 1e6 - vision_m) < 0.01, (text, vision)
@@ -34,14 +35,14 @@ def test_published_sizes(variant, text_m, vision_m):
 
 def test_sharded_init_and_forward_match_unsharded():
   cfg = config_lib.load_config(f"{CONFIG}:tiny")
-  model = clip_lib.from_config(cfg.model)
-  # tensor=1: the tiny sizes (vocab 99, mlp 37, from ARCHITECTURE.md §13) are odd, so not tensor-shardable.
+  model = builders.clip(cfg.model)
+  # tensor=1: the tiny sizes (vocab 99, mlp 37, as transformers' tests use) are odd, so not tensor-shardable.
   devices = np.asarray(jax.devices()[:8]).reshape(2, 4, 1)
   mesh = Mesh(devices, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
-  ids, px = clip_lib.dummy_inputs(model, batch=8)
+  ids, px = builders.clip_dummy_inputs(model, batch=8)
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 99, ids.shape), jnp.int32)
   px = jnp.asarray(np.random.default_rng(1).standard_normal(px.shape), jnp.float32)
-  init = lambda rng: model.init(rng, *clip_lib.dummy_inputs(model))
+  init = lambda rng: model.init(rng, *builders.clip_dummy_inputs(model))
   with jax.set_mesh(mesh), nn.logical_axis_rules(cfg.axis_rules):
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, cfg.axis_rules)
@@ -58,16 +59,16 @@ def test_sharded_init_and_forward_match_unsharded():
 
 def test_bf16_and_remat_paths():
   cfg = config_lib.load_config(f"{CONFIG}:tiny")
-  model = clip_lib.from_config(cfg.model)
-  params = clip_lib.init_params(model, jax.random.key(1))
+  model = builders.clip(cfg.model)
+  params = builders.init_clip(model, jax.random.key(1))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 99, (2, 16)), jnp.int32)
   px = jnp.asarray(np.random.default_rng(1).standard_normal((2, 30, 30, 3)), jnp.float32)
   ref = jax.jit(model.apply)({"params": params}, ids, px)
-  bf16 = jax.jit(clip_lib.from_config(cfg.model, dtype="bfloat16").apply)({"params": params}, ids, px)
+  bf16 = jax.jit(builders.clip(cfg.model, dtype="bfloat16").apply)({"params": params}, ids, px)
   for k in ("text_embeds", "image_embeds"):
     assert bf16[k].dtype == jnp.float32
     np.testing.assert_allclose(bf16[k], ref[k], atol=5e-2 * float(jnp.abs(ref[k]).max()))
-  remat = clip_lib.from_config(cfg.model, remat=True)
+  remat = builders.clip(cfg.model, remat="full")
   loss = lambda m: (lambda p: jnp.sum(m.apply({"params": p}, ids, px)["text_embeds"] ** 2))
   g_ref, g_remat = jax.jit(jax.grad(loss(model)))(params), jax.jit(jax.grad(loss(remat)))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_ref, g_remat)
@@ -75,7 +76,7 @@ def test_bf16_and_remat_paths():
 
 def test_config_errors():
   with pytest.raises(ValueError, match="logit_scale needs both towers"):
-    clip_lib.init_params(clip_lib.CLIP(clip_lib.CLIPConfig(vision=None)), jax.random.key(0))
+    builders.init_clip(clip_lib.CLIP(clip_lib.CLIPConfig(vision=None)), jax.random.key(0))
   with pytest.raises(ValueError, match="at least one tower"):
-    clip_lib.init_params(clip_lib.CLIP(clip_lib.CLIPConfig(text=None, vision=None, logit_scale=False)),
+    builders.init_clip(clip_lib.CLIP(clip_lib.CLIPConfig(text=None, vision=None, logit_scale=False)),
                          jax.random.key(0))

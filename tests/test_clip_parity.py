@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 
-from unclip_jax.ckpt import convert_clip
+from unclip_jax.convert import clip as convert_clip
 from unclip_jax.models import clip as clip_lib
 
 TOL = 1e-5
-# ARCHITECTURE.md §13 tiny configs (projection_dim differs from the widths so a transposed projection fails).
+# Tiny configs (docs/layouts.md, "Tiny peer models") (projection_dim differs from the widths so a transposed projection fails).
 TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,

@@ -7,10 +7,11 @@ import pytest
 import torch
 import transformers
 
-from unclip_jax.ckpt import convert_clip
+from unclip_jax.convert import clip as convert_clip
 from unclip_jax.data import tokenizer as tok_lib
 from unclip_jax.models import clip as clip_lib
-from unclip_jax.models import clip_zeroshot as zs
+from unclip_jax.stages import clip as zs
+from unclip_jax.stages import builders
 
 TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
@@ -55,7 +56,7 @@ def test_classifier_picks_the_matching_class():
       text=clip_lib.TextConfig(vocab_size=49408, width=32, layers=1, heads=4, mlp_dim=37, context_length=77),
       vision=None, projection_dim=16, logit_scale=False)
   model = clip_lib.CLIP(cfg)
-  params = clip_lib.init_params(model, jax.random.key(0))
+  params = builders.init_clip(model, jax.random.key(0))
   tok = tok_lib.CLIPTokenizer()
   encode = zs.make_text_encoder(model, params)
   classes = ["cat", "dog", "sports car", "oak tree", "teapot"]

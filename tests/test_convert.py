@@ -24,35 +24,17 @@ try:
 except ImportError:  # diffusers <= 0.37
   from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
 
-from unclip_jax import bundle, convert  # noqa: E402
-from unclip_jax.ckpt import convert_glide_text, convert_prior, convert_unet  # noqa: E402
+from unclip_jax import bundle  # noqa: E402
+from unclip_jax.convert import cli as convert  # noqa: E402
+from unclip_jax.convert import glide as convert_glide_text, prior as convert_prior, unet as convert_unet  # noqa: E402
 from unclip_jax.models import clip as clip_lib  # noqa: E402
 from unclip_jax.models import glide_text, prior as prior_lib, text_proj as tp_lib, unet as unet_lib  # noqa: E402
-from test_unet_parity import DECODER_KW, SR_KW  # noqa: E402  (ARCHITECTURE.md §13 tiny diffusers UNets)
+from unclip_jax.stages import builders  # noqa: E402
+from unclip_jax.stages import prior as prior_stage  # noqa: E402
+from helpers import (DECODER_KW, PRIOR_KW, SCHEDULERS, SR_KW, TEXT, TP_KW, VISION, randomize,  # noqa: E402,F401
+                     save_tiny_karlo, tiny_tokenizer)
 
-# ARCHITECTURE.md §13 tiny peer models.
-PRIOR_KW = dict(num_attention_heads=2, attention_head_dim=12, num_layers=2, embedding_dim=32, num_embeddings=16,
-                additional_embeddings=4)
-TP_KW = dict(clip_extra_context_tokens=4, clip_embeddings_dim=32, time_embed_dim=64, cross_attention_dim=24)
-TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, projection_dim=32, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
-            pad_token_id=1)
-VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
-              patch_size=2, projection_dim=32, hidden_act="quick_gelu")
-SCHEDULERS = dict(prior_scheduler=dict(variance_type="fixed_small_log", prediction_type="sample",
-                                       clip_sample_range=5.0),
-                  decoder_scheduler=dict(variance_type="learned_range", prediction_type="epsilon"),
-                  super_res_scheduler=dict(variance_type="fixed_small_log", prediction_type="epsilon"))
 B, L, E = 2, 16, 32
-
-
-def randomize(model, seed):
-  """Every parameter ~ N(0, 0.2²) (diffusers zero-inits the prior's embeddings, clip stats and the CFG embedding)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-  return model.eval()
 
 
 def close(what, got, want, tol=1e-5):
@@ -62,15 +44,6 @@ def close(what, got, want, tol=1e-5):
   err, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
   print(f"{what}: max|Δ|={err:.2e} (max|want|={scale:.2f})")
   assert err < tol * max(1.0, scale), f"{what}: max|Δ|={err:.3g}, max|want|={scale:.3g}"
-
-
-def tiny_tokenizer(d):
-  vocab = {"!": 0, "l": 1, "o": 2, "w</w>": 3, "e": 4, "r</w>": 5, "lo": 6, "low</w>": 7, "er</w>": 8,
-           "<|startoftext|>": 9, "<|endoftext|>": 10}
-  (d / "vocab.json").write_text(json.dumps(vocab))
-  (d / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
-  return transformers.CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"), pad_token="!",
-                                    model_max_length=L)
 
 
 def run_cli(*argv):
@@ -85,28 +58,12 @@ def run_cli(*argv):
 def karlo(tmp_path_factory):
   """A diffusers Karlo folder saved by the real UnCLIPPipeline (0.42 model_index) + an image_encoder folder."""
   root = tmp_path_factory.mktemp("karlo")
-  torch.manual_seed(0)
-  models = dict(
-      prior=randomize(diffusers.PriorTransformer(**PRIOR_KW), 1),
-      text_proj=randomize(UnCLIPTextProjModel(**TP_KW), 2),
-      decoder=randomize(diffusers.UNet2DConditionModel(**DECODER_KW), 3),
-      super_res_first=randomize(diffusers.UNet2DModel(**SR_KW), 4),
-      super_res_last=randomize(diffusers.UNet2DModel(**SR_KW), 5),
-      text_encoder=randomize(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**TEXT)), 6))
-  with torch.no_grad():
-    models["prior"].clip_std.abs_().add_(0.5)
-  image_encoder = randomize(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**VISION)), 7)
-  schedulers = {k: diffusers.UnCLIPScheduler(**v) for k, v in SCHEDULERS.items()}
-  tok_dir = tmp_path_factory.mktemp("tok")
-  pipe = diffusers.UnCLIPPipeline(tokenizer=tiny_tokenizer(tok_dir), **models, **schedulers)
-  src = root / "src"
-  pipe.save_pretrained(src)
-  image_encoder.save_pretrained(src / "image_encoder")
+  saved = save_tiny_karlo(root)
+  src = saved["src"]
   out = root / "bundle"
   code, stdout, stderr = run_cli("karlo-diffusers", src, out)
   assert code == 0, stderr
-  return dict(src=src, out=out, stdout=stdout, torch={**models, "image_encoder": image_encoder},
-              schedulers=schedulers)
+  return dict(src=src, out=out, stdout=stdout, torch=saved["torch"], schedulers=saved["schedulers"])
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +109,7 @@ def test_karlo_configs_take_sizes_from_files_and_karlo_sampling_defaults(loaded)
 
 def test_bundle_clip_matches_transformers(karlo, loaded):
   cfg, params = loaded["clip"]
-  model = clip_lib.from_config(cfg.model, dtype="float32")
+  model = builders.clip(cfg.model, dtype="float32")
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 98, (B, L))
   ids[0, 6], ids[0, 7:] = 98, 1                 # EOS = the largest id (argmax pooling), then padding
@@ -171,7 +128,7 @@ def test_bundle_clip_matches_transformers(karlo, loaded):
 
 def test_bundle_prior_matches_diffusers(karlo, loaded):
   cfg, params = loaded["prior"]
-  model = prior_lib.from_config(cfg.model, dtype="float32")
+  model = builders.prior(cfg.model, dtype="float32")
   rng = np.random.default_rng(1)
   x, emb = rng.standard_normal((B, E)).astype(np.float32), rng.standard_normal((B, E)).astype(np.float32)
   enc = rng.standard_normal((B, L, E)).astype(np.float32)
@@ -209,8 +166,8 @@ def test_bundle_decoder_matches_diffusers(karlo, loaded):
     want = karlo["torch"]["decoder"](torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
                                      encoder_hidden_states=ehs, class_labels=class_labels,
                                      attention_mask=mask).sample.numpy().transpose(0, 2, 3, 1)
-  text_proj = tp_lib.from_config(cfg.model, dtype="float32")
-  unet = unet_lib.from_config(cfg.model, dtype="float32")
+  text_proj = builders.text_proj(cfg.model, dtype="float32")
+  unet = builders.unet(cfg.model, dtype="float32")
 
   @jax.jit
   def ours(params, x, t, img, prompt, hidden, text_mask):
@@ -232,7 +189,7 @@ def test_bundle_super_res_match_diffusers(karlo, loaded):
   outs = {}
   for name in ("super_res_first", "super_res_last"):
     cfg, params = loaded[name]
-    model = unet_lib.from_config(cfg.model, dtype="float32")
+    model = builders.unet(cfg.model, dtype="float32")
     with torch.no_grad():
       want = karlo["torch"][name](torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t)).sample
     outs[name] = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x), jnp.asarray(t)))
@@ -293,7 +250,7 @@ def test_scanned_prior_exports_in_the_looped_layout(karlo, loaded, tmp_path):
 
   cfg, params = loaded["prior"]
   scanned = convert._with_model(mlc.ConfigDict(cfg.to_dict()), scan_layers=True)
-  bundle.save_component(tmp_path / "b", "prior", scanned, prior_lib.stack_blocks(params, cfg.model.num_layers))
+  bundle.save_component(tmp_path / "b", "prior", scanned, prior_stage.stack_blocks(params, cfg.model.num_layers))
   code, _, stderr = run_cli("to-safetensors", tmp_path / "b", tmp_path / "st")
   assert code == 0, stderr
   got = load_file(tmp_path / "st" / "prior.safetensors")
@@ -366,7 +323,7 @@ def test_hf_clip_full_model(tmp_path):
   assert ccfg.model.logit_scale and ccfg.stage == "clip"
   np.testing.assert_allclose(params["logit_scale"], model.logit_scale.item(), rtol=1e-7)
   ids = np.array([[0, 5, 6, 98] + [1] * 12])
-  ours = clip_lib.from_config(ccfg.model, dtype="float32")
+  ours = builders.clip(ccfg.model, dtype="float32")
   emb, _ = jax.jit(lambda p, x: ours.apply({"params": p}, x, method=ours.encode_text))(params, jnp.asarray(ids))
   with torch.no_grad():
     close("hf-clip text_embeds", emb, model.get_text_features(input_ids=torch.tensor(ids)).pooler_output.numpy())
@@ -410,8 +367,8 @@ def test_glide_checkpoint(loaded, tmp_path):
   _, dec_params = loaded["decoder"]
   cfg = convert.stage_config("decoder.py:tiny")
   cfg = convert._with_model(cfg, text_encoder="glide", xf_width=24, xf_heads=4, text_ctx=8, n_vocab=50, xf_layers=2)
-  text_model = glide_text.from_config(cfg.model, dtype="float32")
-  text_params = glide_text.init_params(text_model, jax.random.key(0))
+  text_model = builders.glide_text(cfg.model, dtype="float32")
+  text_params = builders.init_glide_text(text_model, jax.random.key(0))
   leaves, tree = jax.tree.flatten(text_params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   text_params = jax.tree.unflatten(tree, [np.asarray(0.2 * jax.random.normal(k, x.shape))

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from unclip_jax.data import build, builders
+from unclip_jax.stages import builders
 
 
 def _image(i, h=12, w=10):

@@ -129,7 +129,7 @@ def test_global_batch_on_mesh(dirs):
 @pytest.mark.slow
 def test_mp_prefetch_checkpoint(dirs):
   from absl import flags
-  flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (STYLE.md §3.4)
+  flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   ds = pipeline.make_dataset(dirs[0], batch_size=2, seed=0, image_size=8)
   want = _batches(pipeline.make_iterator(ds), 6)
   it = pipeline.make_iterator(ds, workers=2)

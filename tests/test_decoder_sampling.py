@@ -9,52 +9,22 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_unclip as scheduling_unclip  # noqa: E402
 
-try:                                                           # ARCHITECTURE.md §2.1: moved in 0.38
-  from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-except ImportError:
-  from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
-
-from unclip_jax import decoder_lib, prior_lib  # noqa: E402
-from unclip_jax.ckpt import convert_unet  # noqa: E402
+from unclip_jax.stages import decoder as decoder_lib, prior as prior_lib  # noqa: E402
+from unclip_jax.convert import unet as convert_unet  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
 from unclip_jax.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from unclip_jax.diffusion.schedules import NoiseSchedule  # noqa: E402
 from unclip_jax.models import text_proj as tp_lib  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
+from unclip_jax.stages import builders, common  # noqa: E402
 
-import test_unet_parity as unet_tests  # noqa: E402  (tests/ is on pythonpath)
-from test_text_proj_parity import TP_KW  # noqa: E402
+import helpers  # noqa: E402
+from helpers import TP_KW, convert_decoder, decoder_diffusion, fake_randn_from, make_torch_decoder, nchw, nhwc  # noqa: E402,F401
+
+UnCLIPTextProjModel = helpers.unclip_text_proj_class()
 
 B, L, E, S = 2, 16, 32, 16          # batch, text length, CLIP width, image size
 TOL = 1e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """torch's intra-op pool spin-waits against XLA's threads on a small shared CPU (a 25-step tiny decoder loop took
-  35 s with 2 threads, 0.4 s with 1); the previous setting is restored after the module."""
-  before = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(before)
-
-
-def nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.array(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(x):
-  return x.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def fake_randn_from(noises, calls):
-  """A stand-in for diffusers' `randn_tensor` returning `noises` in call order (the steps with t > 0)."""
-  def fake_randn(shape, generator=None, device=None, dtype=None, **kw):
-    calls.append(tuple(shape))
-    out = noises[len(calls) - 1]
-    assert tuple(out.shape) == tuple(shape), (out.shape, shape)
-    return out.to(dtype=dtype)
-  return fake_randn
 
 
 def diffusers_decoder_stage(text_proj, decoder, scheduler, image_emb, prompt_embeds, text_enc, text_mask, latents,
@@ -83,26 +53,6 @@ def diffusers_decoder_stage(text_proj, decoder, scheduler, image_emb, prompt_emb
       prev_timestep = None if i + 1 == timesteps.shape[0] else timesteps[i + 1]
       latents = scheduler.step(noise_pred, t, latents, prev_timestep=prev_timestep).prev_sample
     return latents.clamp(-1, 1)
-
-
-def make_torch_decoder():
-  torch.manual_seed(0)
-  unet = unet_tests.randomize(diffusers.UNet2DConditionModel(**unet_tests.DECODER_KW), 1)
-  text_proj = unet_tests.randomize(UnCLIPTextProjModel(**TP_KW), 5)   # incl. the zero-initialised CFG embedding
-  return unet, text_proj
-
-
-def convert_decoder(unet, text_proj, tmp):
-  unet.save_pretrained(tmp / "decoder")
-  text_proj.save_pretrained(tmp / "text_proj")
-  unet_cfg, unet_params = convert_unet.load_diffusers_unet(tmp / "decoder")
-  tp_cfg, tp_params = convert_unet.load_diffusers_text_proj(tmp / "text_proj")
-  return (unet_lib.from_config(unet_cfg, dtype="float32"), tp_lib.from_config(tp_cfg, dtype="float32"),
-          {"unet": unet_params, "text_proj": tp_params})
-
-
-def decoder_diffusion():
-  return GaussianDiffusion(NoiseSchedule.create("cosine", 1000), prediction="eps", variance="learned_range")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +99,7 @@ def test_decoder_sampling_matches_diffusers_pipeline(setup, monkeypatch, guidanc
   training null (zero text, all-False mask; passed explicitly so it reuses the compiled 25-step program)."""
   s = setup
   cond, x_T, rng = s["cond"], s["x_T"], s["rng"]
-  zeros = prior_lib.TextCond(*(x[0] for x in decoder_lib.zeros_null_text(1, L, E)))         # shaped like s["null"]
+  zeros = prior_lib.TextCond(*(x[0] for x in common.zeros_null_text(1, L, E)))         # shaped like s["null"]
   null = {"empty_prompt": s["null"], "zeros": zeros, None: None}[null_kind]
   got = np.asarray(s["ours"](steps, guidance_scale)(s["params"], cond, x_T, rng, null))
 
@@ -219,21 +169,21 @@ def test_default_null_is_the_training_drop(setup):
 
 
 def test_make_sampler_from_tiny_config(setup):
-  """configs/decoder.py:tiny builds the diffusers twin (§13); its jitted make_sampler (25 steps, g=8, clamp ±1
+  """configs/decoder.py:tiny builds the diffusers twin (docs/layouts.md, "Tiny peer models"); its jitted make_sampler (25 steps, g=8, clamp ±1
   from cfg.sampling) reproduces the diffusers-matched 25-step result; null_text='empty_prompt' needs null_text."""
   from unclip_jax import config_lib
 
   s = setup
   cfg = config_lib.load_config("configs/decoder.py:tiny", ['sampling.single_step_beta="schedule"'])
   assert (cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.sampling.clip_range) == ("25", 8.0, 1.0)
-  unet = unet_lib.from_config(cfg.model, dtype="float32")
-  tp = tp_lib.from_config(cfg.model, dtype="float32")
+  unet = builders.unet(cfg.model, dtype="float32")
+  tp = builders.text_proj(cfg.model, dtype="float32")
   shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
-  assert shapes(unet_lib.abstract_params(unet)) == shapes(s["params"]["unet"])
-  assert shapes(tp_lib.abstract_params(tp)) == shapes(s["params"]["text_proj"])
+  assert shapes(builders.abstract(builders.init_unet, unet)) == shapes(s["params"]["unet"])
+  assert shapes(builders.abstract(builders.init_text_proj, tp)) == shapes(s["params"]["text_proj"])
   run = decoder_lib.make_sampler(cfg, unet, tp)
   args = jax.device_put((s["params"], s["cond"], s["x_T"], s["rng"], s["null"]))
-  with jax.transfer_guard("disallow"):                  # STYLE.md §4.2: no implicit host transfers
+  with jax.transfer_guard("disallow"):                  # no implicit host transfers
     out = run(*args)
   out = np.asarray(out)
   want = s["ours"](25, 8.0)(s["params"], s["cond"], s["x_T"], s["rng"], s["null"])   # compiled once per module

@@ -8,8 +8,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from unclip_jax import eval_shapes as E, sample
-from unclip_jax.data import shapes
+from unclip_jax import sample
+from unclip_jax.shapes import evaluate as E
+from unclip_jax.shapes import data as shapes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "launch" / "shapes_prompts.txt"

@@ -6,9 +6,10 @@ import time
 import numpy as np
 import pytest
 
-import tiny_bundle
-from unclip_jax import bundle, eval_shapes as E, sample
-from unclip_jax.data import shapes
+from helpers import build_tiny_bundle
+from unclip_jax import bundle, sample
+from unclip_jax.shapes import evaluate as E
+from unclip_jax.shapes import data as shapes
 
 HOLDOUT = "red circle, blue triangle"
 STEPS = 150
@@ -148,7 +149,7 @@ def test_save_load_round_trip(trained, tmp_path):
 def test_cli_end_to_end_on_tiny_bundle(data, trained, tmp_path, capsys):
   clf, _ = trained
   E.save_classifier(clf, tmp_path / "clf")
-  bundle_dir = tiny_bundle.build(tmp_path / "bundle")
+  bundle_dir = build_tiny_bundle(tmp_path / "bundle")
   out = tmp_path / "report.json"
   rc = E.main(["--bundle", str(bundle_dir), "--data", str(data), "--classifier", str(tmp_path / "clf"),
                "--n-prompts", "6", "--batch-size", "3", "--seed", "1", "--out", str(out)])

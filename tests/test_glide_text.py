@@ -1,6 +1,6 @@
 """GLIDE text encoder (models/glide_text.py) and its converter (ckpt/convert_glide_text.py).
 
-No GLIDE package exists, so the properties of §10.2 are checked against independent references: a hand-made
+No GLIDE package exists, so the properties of GLIDE's text transformer (docs/layouts.md, "GLIDE") are checked against independent references: a hand-made
 interleaved c_qkv, torch's scaled_dot_product_attention / layer_norm / exact GELU on the split projections, the
 padding and last-position rules, the state-dict round trip and its errors, and a forward of our UNet on the
 tiny decoder config with the GLIDE text pathway.
@@ -17,11 +17,12 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from unclip_jax import config_lib  # noqa: E402
-from unclip_jax.ckpt import convert_glide_text as cgt  # noqa: E402
-from unclip_jax.ckpt import convert_unet  # noqa: E402
-from unclip_jax.ckpt import torch_layout as tl  # noqa: E402
+from unclip_jax.convert import glide as cgt  # noqa: E402
+from unclip_jax.convert import unet as convert_unet  # noqa: E402
+from unclip_jax.convert import torch_layout as tl  # noqa: E402
 from unclip_jax.models import glide_text  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
+from unclip_jax.stages import builders  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 END = 49                                  # tiny vocabulary of 50: end_token = n_vocab - 1
@@ -42,8 +43,8 @@ def random_params(abstract, seed, std=0.2):
 @pytest.fixture(scope="module")
 def enc():
   cfg = tiny_cfg()
-  model = glide_text.from_config(cfg.model, dtype="float32")
-  params = random_params(glide_text.abstract_params(model), 0)
+  model = builders.glide_text(cfg.model, dtype="float32")
+  params = random_params(builders.abstract(builders.init_glide_text, model), 0)
   tokens, mask = glide_text.padded_tokens_and_mask([[3, 7, 11], [], [5, 1, 2, 9, 4, 8, 6, 10, 12]], 8, END)
   fn = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m))
   return dict(cfg=cfg, model=model, params=params, tokens=tokens, mask=mask, fn=fn)
@@ -189,8 +190,8 @@ def test_pads_get_padding_embedding_and_are_attended(enc):
 
 def test_without_padding_the_mask_is_unused(enc):
   cfg = tiny_cfg("model.xf_padding=False", "model.xf_final_ln=False")
-  model = glide_text.from_config(cfg.model)
-  params = random_params(glide_text.abstract_params(model), 4)
+  model = builders.glide_text(cfg.model)
+  params = random_params(builders.abstract(builders.init_glide_text, model), 4)
   assert "padding_embedding" not in params and "final_ln" not in params
   a = model.apply({"params": params}, enc["tokens"], enc["mask"])
   b = model.apply({"params": params}, enc["tokens"], None)
@@ -217,17 +218,17 @@ def test_xf_proj_is_the_last_position(enc):
 
 
 def test_bfloat16_compute_float32_params_and_outputs(enc):
-  model = glide_text.from_config(enc["cfg"].model, dtype="bfloat16")
+  model = builders.glide_text(enc["cfg"].model, dtype="bfloat16")
   proj, out = model.apply({"params": enc["params"]}, enc["tokens"], enc["mask"])
   assert proj.dtype == out.dtype == jnp.float32
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(glide_text.abstract_params(model)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(builders.abstract(builders.init_glide_text, model)))
   want_proj, want_out = run(enc)
   assert np.abs(np.asarray(out) - want_out).max() / np.abs(want_out).max() < 5e-2
   assert np.abs(np.asarray(proj) - want_proj).max() / np.abs(want_proj).max() < 5e-2
 
 
 def test_kernels_have_logical_axes(enc):
-  boxed = jax.eval_shape(lambda r: enc["model"].init(r, *glide_text.dummy_inputs(enc["model"])),
+  boxed = jax.eval_shape(lambda r: enc["model"].init(r, *builders.glide_dummy_inputs(enc["model"])),
                          jax.random.key(0))["params"]
   is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)
   specs = {tuple(k.key for k in path): tuple(spec) for path, spec in
@@ -249,11 +250,11 @@ def test_bad_inputs_and_configs_raise(enc):
   with pytest.raises(ValueError, match="mask must have the tokens' shape"):
     m.apply({"params": p}, enc["tokens"], enc["mask"][:, :4])
   with pytest.raises(ValueError, match="cross_attention_dim=32 must equal xf_width=24"):
-    glide_text.from_config(tiny_cfg("model.cross_attention_dim=32").model)
+    builders.glide_text(tiny_cfg("model.cross_attention_dim=32").model)
   with pytest.raises(ValueError, match="xf_width=24 is not divisible by xf_heads=5"):
-    glide_text.abstract_params(glide_text.from_config(tiny_cfg("model.xf_heads=5").model))
+    builders.abstract(builders.init_glide_text, builders.glide_text(tiny_cfg("model.xf_heads=5").model))
   with pytest.raises(ValueError, match="unknown text_encoder 'clip'"):
-    glide_text.from_config(tiny_cfg("model.text_encoder=clip").model)
+    builders.glide_text(tiny_cfg("model.text_encoder=clip").model)
 
 
 # ---- (e) state dicts ------------------------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_state_dict_round_trip_and_names(enc):
   inferred = cgt.config_from_state_dict(state, heads=4)
   assert (inferred.text_ctx, inferred.xf_width, inferred.xf_layers, inferred.xf_heads, inferred.n_vocab,
           inferred.xf_final_ln, inferred.xf_padding, inferred.time_embed_dim) == (8, 24, 2, 4, 50, True, True, 64)
-  assert glide_text.from_config(inferred).time_embed_dim == 64
+  assert builders.glide_text(inferred).time_embed_dim == 64
   with pytest.raises(ValueError, match="multiple of 64: pass heads="):
     cgt.config_from_state_dict(state)
 
@@ -315,7 +316,7 @@ def test_bad_state_dicts_name_the_key(enc):
 def test_whole_glide_state_dict_splits_into_unet_and_text(enc):
   """The text converter takes exactly the keys convert_unet.glide_to_params leaves over."""
   cfg = enc["cfg"].model
-  unet_params = random_params(unet_lib.abstract_params(unet_lib.from_config(cfg)), 5)
+  unet_params = random_params(builders.abstract(builders.init_unet, builders.unet(cfg)), 5)
   full = cgt.params_to_glide(unet_params, enc["params"], cfg)
   assert "input_blocks.4.1.encoder_kv.weight" in full and "transformer.resblocks.0.attn.c_qkv.weight" in full
   _, rest = convert_unet.glide_to_params(full, cfg)
@@ -332,8 +333,8 @@ def test_unet_forward_with_glide_conditioning(enc):
   """configs/decoder.py:tiny + text_encoder=glide: conditioning(...) feeds the UNet ([uncond; cond] rows)."""
   cfg = enc["cfg"]
   assert cfg.model.text_encoder == "glide"
-  unet = unet_lib.from_config(cfg.model, dtype="float32")
-  unet_params = random_params(unet_lib.abstract_params(unet), 6, std=0.1)
+  unet = builders.unet(cfg.model, dtype="float32")
+  unet_params = random_params(builders.abstract(builders.init_unet, unet), 6, std=0.1)
   tokens, mask = glide_text.padded_tokens_and_mask([[], [3, 4, 5]], cfg.model.text_ctx, enc["model"].end_token)
   x = jnp.asarray(np.random.default_rng(7).standard_normal((1, 16, 16, 3)).astype(np.float32))
 

@@ -10,21 +10,17 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_unclip as scheduling_unclip  # noqa: E402
 
-try:                                                           # ARCHITECTURE.md §2.1: moved in 0.38
-  from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
-except ImportError:
-  from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
-
-from unclip_jax import decoder_lib  # noqa: E402
+from unclip_jax.stages import decoder as decoder_lib  # noqa: E402
 from unclip_jax.diffusion import gaussian, samplers, schedules  # noqa: E402
 from unclip_jax.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from unclip_jax.diffusion.schedules import NoiseSchedule  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
+from unclip_jax.stages import builders, common  # noqa: E402
 
-import test_unet_parity as unet_tests  # noqa: E402  (tests/ is on pythonpath)
-from test_decoder_sampling import (  # noqa: E402,F401  (one_torch_thread: an autouse fixture)
-    convert_decoder, decoder_diffusion, fake_randn_from, nchw, nhwc, one_torch_thread)
-from test_text_proj_parity import TP_KW  # noqa: E402
+import helpers  # noqa: E402
+from helpers import TP_KW, convert_decoder, decoder_diffusion, fake_randn_from, nchw, nhwc  # noqa: E402
+
+UnCLIPTextProjModel = helpers.unclip_text_proj_class()
 
 SIGMA, RHO, KNOWN = 0.5, 0.9, 0.8
 B, L, E, S = 2, 16, 32, 16
@@ -108,9 +104,9 @@ def _inputs():
 def decoders(tmp_path_factory):
   """The tiny Karlo decoder (3 input channels) and a GLIDE-style inpainting twin (7 input channels)."""
   torch.manual_seed(0)
-  tp = unet_tests.randomize(UnCLIPTextProjModel(**TP_KW), 5)
-  plain = unet_tests.randomize(diffusers.UNet2DConditionModel(**unet_tests.DECODER_KW), 1)
-  glide = unet_tests.randomize(diffusers.UNet2DConditionModel(**{**unet_tests.DECODER_KW, "in_channels": 7}), 2)
+  tp = helpers.randomize(UnCLIPTextProjModel(**TP_KW), 5)
+  plain = helpers.randomize(diffusers.UNet2DConditionModel(**helpers.DECODER_KW), 1)
+  glide = helpers.randomize(diffusers.UNet2DConditionModel(**{**helpers.DECODER_KW, "in_channels": 7}), 2)
   tmp = tmp_path_factory.mktemp("inpainting")
   out = {}
   for name, torch_unet in (("plain", plain), ("glide", glide)):
@@ -211,7 +207,7 @@ def test_glide_inpainting_matches_diffusers_reference(decoders, monkeypatch):
   noises = [nchw(samplers.step_noise(rng, i, x_T.shape, jnp.float32)) for i in range(steps)]
   monkeypatch.setattr(scheduling_unclip, "randn_tensor", fake_randn_from(noises, calls))
   t = lambda x: torch.from_numpy(np.array(x))
-  zeros = decoder_lib.zeros_null_text(B, L, E)
+  zeros = common.zeros_null_text(B, L, E)
   want = nhwc(diffusers_glide_inpaint_loop(
       decoders["torch_tp"], d["torch"], diffusers.UnCLIPScheduler(variance_type="learned_range",
                                                                   prediction_type="epsilon"),
@@ -231,13 +227,13 @@ def test_glide_upsampler_inpainting_keeps_known_region(tmp_path):
   """A 10-channel "inpaint_low_res" upsampler (the tiny super-res twin with 10 input channels, random weights)
   pastes the known pixels into x̂0 every step: with the "ratio" single-step β the last step returns x̂0, so they
   end exactly in place."""
-  from unclip_jax import upsampler_lib
-  from unclip_jax.ckpt import convert_unet
+  from unclip_jax.stages import upsampler as upsampler_lib
+  from unclip_jax.convert import unet as convert_unet
 
-  unet_tests.randomize(diffusers.UNet2DModel(**{**unet_tests.SR_KW, "in_channels": 10}), 4).save_pretrained(tmp_path)
+  helpers.randomize(diffusers.UNet2DModel(**{**helpers.SR_KW, "in_channels": 10}), 4).save_pretrained(tmp_path)
   cfg, params = convert_unet.load_diffusers_unet(tmp_path)
   assert cfg.conditioning == "inpaint_low_res"
-  unet = unet_lib.from_config(cfg, dtype="float32")
+  unet = builders.unet(cfg, dtype="float32")
   rng = np.random.default_rng(1)
   high, low = 32, 16
   image = jnp.asarray(np.tanh(rng.standard_normal((B, high, high, 3))), jnp.float32)

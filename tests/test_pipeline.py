@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tiny_bundle
+from helpers import build_tiny_bundle
 from unclip_jax import bundle, sample
 from unclip_jax.inference import manipulations as M
-from unclip_jax.inference.pipeline import UnCLIP, from_uint8
+from unclip_jax.inference.images import from_uint8
+from unclip_jax.inference.pipeline import UnCLIP
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
-  return tiny_bundle.build(tmp_path_factory.mktemp("bundle"))
+  return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_slerp():
 
 def test_manipulations_are_consistent(tmp_path):
   """Without the (stochastic) upsampler, η = 0 decoding is deterministic, so frames can be compared row by row."""
-  pipe = UnCLIP.from_bundle(tiny_bundle.build(tmp_path / "no_sr", super_res=False))
+  pipe = UnCLIP.from_bundle(build_tiny_bundle(tmp_path / "no_sr", super_res=False))
   a, b = _image(1), _image(2)
   frames = M.interpolate(pipe, a, b, 3)
   assert frames.shape == (3, 16, 16, 3)
@@ -117,6 +118,24 @@ def test_inpaint_keeps_the_known_region(pipe):
   np.testing.assert_array_equal(out[:, :, :16], np.repeat(known[None, :, :16], 2, 0))
   raw = M.inpaint(pipe, image, mask, "a red circle", n=2, paste=False)
   assert raw.shape == out.shape and (raw[:, :, 16:] == out[:, :, 16:]).all()
+
+
+def test_inpainting_settings_are_sampling_settings(pipe, bundle_dir, tmp_path):
+  """`sampling.inpaint_method` / `resample_jumps` are declared settings: overridable like any other (they raised
+  KeyError before), from the API and from the CLI's inpaint flags, and they change the result."""
+  image = _image(4)
+  mask = np.zeros((40, 40), bool)
+  mask[:, :20] = True
+  jumps = pipe.with_sampling(decoder={"inpaint_method": "repaint", "resample_jumps": 2})
+  assert jumps.settings()["decoder"]["resample_jumps"] == 2 and jumps.settings()["decoder"]["inpaint_method"] == "repaint"
+  one = M.inpaint(pipe, image, mask, "a red circle", n=1, paste=False)
+  two = M.inpaint(jumps, image, mask, "a red circle", n=1, paste=False)
+  assert not np.array_equal(one, two)
+  loaded = UnCLIP.from_bundle(bundle_dir, sampling={"decoder": {"inpaint_method": "repaint", "resample_jumps": 3}})
+  assert loaded.settings()["decoder"]["resample_jumps"] == 3
+  args = sample.parse_args(["inpaint", "--image", "a.png", "--mask", "m.png", "--prompt", "x", "--out", "o",
+                            "--inpaint-method", "repaint", "--resample-jumps", "2"])
+  assert sample.sampling_overrides(args) == {"decoder": {"inpaint_method": "repaint", "resample_jumps": 2}}
 
 
 def test_cli_writes_ordered_pngs_grid_and_settings(bundle_dir, tmp_path):

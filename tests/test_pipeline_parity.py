@@ -1,6 +1,6 @@
 """End to end: a tiny random diffusers UnCLIPPipeline, converted with our CLI, run with the same noise as ours.
 
-The pipeline is `diffusers.UnCLIPPipeline.__call__` itself (components assembled in the test, ARCHITECTURE.md §2.3),
+The pipeline is `diffusers.UnCLIPPipeline.__call__` itself (components assembled in the test; see docs/layouts.md, "Library versions"),
 with the shipped CLIP BPE as its tokenizer (pad "!", like Karlo). Its latents are passed in; its step noise, which
 `UnCLIPScheduler.step` draws with `randn_tensor`, is replaced by the arrays our samplers draw from their keys.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import scheduling_unclip  # noqa: E402
 
-from unclip_jax import convert  # noqa: E402
+from unclip_jax.convert import cli as convert  # noqa: E402
 from unclip_jax.data import tokenizer as tok_lib  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
 from unclip_jax.inference.pipeline import StageNoise, UnCLIP  # noqa: E402
@@ -24,7 +24,7 @@ PROMPTS = ["a red circle on a white background", "green square"]
 
 
 def _text_proj_cls():
-  try:                                                   # §2.1: moved in 0.38
+  try:                                                   # UnCLIPTextProjModel moved in diffusers 0.38
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
   except ImportError:
     from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel

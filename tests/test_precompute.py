@@ -4,7 +4,8 @@ import pytest
 import torch
 import transformers
 
-from unclip_jax.data import image_processing, pipeline, precompute, shapes, tokenizer
+from unclip_jax.data import image_processing, pipeline, precompute, tokenizer
+from unclip_jax.shapes import data as shapes
 
 N = 5   # not a multiple of the batch size: the padded last batch must be trimmed
 

@@ -7,9 +7,11 @@ import numpy as np
 import optax
 import pytest
 
-from unclip_jax.models import ar_prior
+from unclip_jax.models.ar_prior import ARPrior
+from unclip_jax.stages import ar_prior
+from unclip_jax.stages import builders
 
-from test_prior_learning import E, L, make_pairs, unit
+from helpers import PAIR_E as E, PAIR_L as L, make_pairs, unit
 
 K, V = 16, 16
 
@@ -34,7 +36,7 @@ def test_pca_and_quantizer_roundtrip():
 
 
 def test_ar_prior_is_causal_and_checks_inputs():
-  model = ar_prior.ARPrior(vocab_size=50, embedding_dim=E, text_len=L, num_components=K, num_buckets=V,
+  model = ARPrior(vocab_size=50, embedding_dim=E, text_len=L, num_components=K, num_buckets=V,
                            num_dot_buckets=V, width=32, num_layers=1, num_heads=4)
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, 50, (2, L)))
@@ -42,7 +44,7 @@ def test_ar_prior_is_causal_and_checks_inputs():
   emb = jnp.asarray(rng.standard_normal((2, E)), jnp.float32)
   dot = jnp.array([3, V])
   codes = jnp.asarray(rng.integers(0, V, (2, K - 1)))
-  params = ar_prior.init_params(model, jax.random.key(0))
+  params = builders.init_ar_prior(model, jax.random.key(0))
   apply = jax.jit(model.apply)
   out = apply({"params": params}, tokens, mask, emb, dot, codes)
   assert out.shape == (2, K, V)
@@ -71,9 +73,9 @@ def test_ar_prior_learns_synthetic_mapping():
   pca = ar_prior.PCA.fit(img, K)
   quant = ar_prior.Quantizer.fit(np.asarray(pca.encode(img)), V)
   dotq = ar_prior.DotQuantizer.fit(np.asarray(train["text_emb"]), img, V)
-  model = ar_prior.ARPrior(vocab_size=50, embedding_dim=E, text_len=L, num_components=K, num_buckets=V,
+  model = ARPrior(vocab_size=50, embedding_dim=E, text_len=L, num_components=K, num_buckets=V,
                            num_dot_buckets=V, width=64, num_layers=2, num_heads=4)
-  params = ar_prior.init_params(model, jax.random.key(0))
+  params = builders.init_ar_prior(model, jax.random.key(0))
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(optax.cosine_decay_schedule(3e-3, 400, 0.05)))
   opt_state = tx.init(params)
 

@@ -6,36 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from unclip_jax import prior_lib
+from unclip_jax.stages import prior as prior_lib
 from unclip_jax.diffusion import samplers
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.diffusion.schedules import NoiseSchedule
 from unclip_jax.models import prior as prior_model
+from unclip_jax.stages import builders
 
-E, L = 32, 8
+from helpers import PAIR_E, PAIR_L, make_pairs, unit
 
-
-def unit(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def make_pairs(n, seed):
-  """text emb t ~ N(0, I); token states = per-position mixes of t; image = unit(W t + m + 0.1·noise).
-
-  The fixed offset m plays the role of CLIP's common direction, so the mean image embedding is a real baseline.
-  """
-  fixed = np.random.default_rng(1234)
-  w = fixed.standard_normal((E, E)) / np.sqrt(E)
-  m = 2.0 * unit(fixed.standard_normal(E))
-  mix = fixed.standard_normal((L, E, E)) / np.sqrt(E)
-  rng = np.random.default_rng(seed)
-  t = rng.standard_normal((n, E))
-  lengths = rng.integers(2, L + 1, n)
-  mask = np.arange(L)[None] < lengths[:, None]
-  enc = np.einsum("lef,nf->nle", mix, t) * mask[..., None]
-  img = unit(t @ w.T + m + 0.1 * rng.standard_normal((n, E)))
-  f = lambda x: jnp.asarray(x, jnp.float32)
-  return dict(text_emb=f(t), text_enc=f(enc), text_mask=jnp.asarray(mask), image_emb=f(img))
+E, L = PAIR_E, PAIR_L
 
 
 def test_prior_learns_synthetic_mapping():
@@ -43,7 +23,7 @@ def test_prior_learns_synthetic_mapping():
   model = prior_model.PriorTransformer(embedding_dim=E, num_embeddings=L, num_layers=2, num_heads=4, head_dim=16)
   diffusion = GaussianDiffusion(NoiseSchedule.create("cosine", 1000), prediction="x0", variance="fixed_small_log")
   train, test = make_pairs(2048, 0), make_pairs(64, 1)
-  params = prior_model.init_params(model, jax.random.key(0))
+  params = builders.init_prior(model, jax.random.key(0))
   params = prior_lib.with_clip_stats(params, *prior_lib.stats_from_embeddings(train["image_emb"]))
   # Adam, no weight decay on the CLIP statistics (they also get zero gradient).
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(optax.cosine_decay_schedule(3e-3, 300, 0.05)))

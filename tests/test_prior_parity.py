@@ -10,23 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from unclip_jax.ckpt import convert_prior  # noqa: E402
+from unclip_jax.convert import prior as convert_prior  # noqa: E402
 from unclip_jax.models import prior as prior_lib  # noqa: E402
+from unclip_jax.stages import builders  # noqa: E402
+from unclip_jax.stages import prior as prior_stage  # noqa: E402
 
-TINY_KW = dict(num_attention_heads=2, attention_head_dim=12, num_layers=2, embedding_dim=32, num_embeddings=16,
-               additional_embeddings=4)
-B = 3
+from helpers import PRIOR_KW, make_torch_prior  # noqa: E402
 
-
-def make_torch_prior(seed=0):
-  torch.manual_seed(seed)
-  model = diffusers.PriorTransformer(**TINY_KW).eval()
-  g = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for p in model.parameters():     # every parameter, incl. positional/prd embeddings and the CLIP stats
-      p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    model.clip_std.abs_().add_(0.5)
-  return model
+TINY_KW = PRIOR_KW
 
 
 def make_inputs(seed=0):
@@ -50,7 +41,7 @@ def torch_forward(model, inp):
 
 
 def jax_forward(model_cfg, params, inp):
-  model = prior_lib.from_config(model_cfg, dtype="float32")
+  model = builders.prior(model_cfg, dtype="float32")
   return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(inp["x"]), jnp.asarray(inp["t"], jnp.int32),
                                 jnp.asarray(inp["emb"]), jnp.asarray(inp["enc"]), jnp.asarray(inp["mask"])))
 
@@ -89,7 +80,7 @@ def test_forward_matches_diffusers(torch_prior, converted):
 def test_denormalize_matches_post_process(torch_prior, converted):
   cfg, params = converted
   x = np.random.default_rng(1).standard_normal((B, 32)).astype(np.float32)
-  model = prior_lib.from_config(cfg)
+  model = builders.prior(cfg)
   got = model.apply({"params": params}, jnp.asarray(x), method=prior_lib.PriorTransformer.denormalize)
   want = torch_prior.post_process_latents(torch.from_numpy(x)).detach().numpy()
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-6, rtol=1e-6)
@@ -100,7 +91,7 @@ def test_denormalize_matches_post_process(torch_prior, converted):
 def test_batched_timesteps_and_causality(converted):
   """A batch with per-example timesteps equals per-example calls; future tokens never leak backwards."""
   cfg, params = converted
-  model = prior_lib.from_config(cfg)
+  model = builders.prior(cfg)
   inp = make_inputs()
   out = jax_forward(cfg, params, inp)
   one = model.apply({"params": params}, jnp.asarray(inp["x"][1:2]), 500, jnp.asarray(inp["emb"][1:2]),
@@ -161,7 +152,7 @@ def test_karlo_file_loading(converted, tmp_path):
 
 
 def test_split_heads_against_hand_made_case():
-  """§9.1: chunk n of d rows of the fused c_qkv goes to output n mod 3 (head n // 3)."""
+  """The per-head split: chunk n of d rows of the fused c_qkv goes to output n mod 3 (head n // 3)."""
   heads, d, cin = 2, 3, 4
   # Row r of the fused weight holds the value 100·r + column, so every row is identifiable.
   fused = np.arange(3 * heads * d)[:, None] * 100.0 + np.arange(cin)[None, :]
@@ -221,7 +212,7 @@ def test_bad_checkpoints_name_the_key(torch_prior, converted, tmp_path):
 
 def test_bad_inputs_raise(converted):
   cfg, params = converted
-  model = prior_lib.from_config(cfg)
+  model = builders.prior(cfg)
   inp = make_inputs()
   args = [jnp.asarray(inp[k]) for k in ("x", "t", "emb", "enc", "mask")]
   with pytest.raises(ValueError, match="text_mask"):
@@ -239,24 +230,24 @@ def test_bf16_compute_and_remat_close(converted):
   inp = make_inputs()
   ref = jax_forward(cfg, params, inp)
   args = [jnp.asarray(inp[k]) for k in ("x", "t", "emb", "enc", "mask")]
-  remat = prior_lib.from_config(cfg, remat=True)
+  remat = builders.prior(cfg, remat="full")
   np.testing.assert_allclose(np.asarray(jax.jit(remat.apply)({"params": params}, *args)), ref, atol=1e-6)
-  bf16 = prior_lib.from_config(cfg, dtype="bfloat16")
+  bf16 = builders.prior(cfg, dtype="bfloat16")
   out = np.asarray(jax.jit(bf16.apply)({"params": params}, *args))
   assert out.dtype == np.float32
   assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
 
 
 def test_configs_build_and_karlo_size():
-  """configs/prior.py variants build; the karlo variant has diffusers' Karlo prior size (§4.7: 338 tensors,
+  """configs/prior.py variants build; the karlo variant has diffusers' Karlo prior size (338 tensors,
   1022.0 M params) and converts its config both ways."""
   from unclip_jax import config_lib
 
   tiny = config_lib.load_config("configs/prior.py:tiny")
-  model = prior_lib.from_config(tiny.model, dtype=tiny.dtype)
+  model = builders.prior(tiny.model, dtype=tiny.dtype)
   assert model.dtype == jnp.bfloat16
   karlo = config_lib.load_config("configs/prior.py:karlo")
-  shapes = prior_lib.abstract_params(prior_lib.from_config(karlo.model))
+  shapes = builders.abstract(builders.init_prior, builders.prior(karlo.model))
   leaves = jax.tree.leaves(shapes)
   assert len(leaves) == 338
   assert round(sum(int(np.prod(x.shape)) for x in leaves) / 1e6, 1) == 1022.0
@@ -277,7 +268,7 @@ def test_sharded_init_and_apply_on_mesh():
   if jax.device_count() < 8:
     pytest.skip("needs 8 (forced CPU) devices")
   model = prior_lib.PriorTransformer(embedding_dim=32, num_embeddings=16, num_layers=2, num_heads=2, head_dim=12)
-  args = prior_lib.dummy_inputs(model, 8)
+  args = builders.prior_dummy_inputs(model, 8)
   specs = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *args))
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, config_lib.AXIS_RULES)
@@ -293,7 +284,7 @@ def test_sqrt_dim_normalization():
   """DALLE2-pytorch scaling: normalize = l2norm·√E, denormalize = /√E (unit-norm CLIP embeddings)."""
   model = prior_lib.PriorTransformer(embedding_dim=32, num_embeddings=16, num_layers=1, num_heads=2, head_dim=12,
                                      normalization="sqrt_dim")
-  params = prior_lib.init_params(model, jax.random.key(0))
+  params = builders.init_prior(model, jax.random.key(0))
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32)), jnp.float32)
   n = model.apply({"params": params}, x, method=prior_lib.PriorTransformer.normalize)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(n), axis=-1), np.sqrt(32), rtol=1e-5)
@@ -304,7 +295,7 @@ def test_sqrt_dim_normalization():
   with pytest.raises(ValueError, match="clip_stats"):
     convert_prior.diffusers_config_from_model(cfg)
   with pytest.raises(ValueError, match="normalization"):
-    prior_lib.init_params(prior_lib.PriorTransformer(normalization="l2"), jax.random.key(0))
+    builders.init_prior(prior_lib.PriorTransformer(normalization="l2"), jax.random.key(0))
 
 
 def test_scanned_layers_match_loop(converted):
@@ -315,18 +306,18 @@ def test_scanned_layers_match_loop(converted):
   inp = make_inputs()
   args = [jnp.asarray(inp[k]) for k in ("x", "t", "emb", "enc", "mask")]
   ref = jax_forward(cfg, params, inp)
-  stacked = prior_lib.stack_blocks(params, cfg.num_layers)
-  for remat in (False, True):
-    model = prior_lib.from_config(cfg, scan_layers=True, remat=remat)
-    shapes = prior_lib.abstract_params(model)
+  stacked = prior_stage.stack_blocks(params, cfg.num_layers)
+  for remat in ("none", "full"):
+    model = builders.prior(cfg, scan_layers=True, remat=remat)
+    shapes = builders.abstract(builders.init_prior, model)
     jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), shapes, stacked)
     out = np.asarray(jax.jit(model.apply)({"params": stacked}, *args))
     np.testing.assert_allclose(out, ref, atol=1e-6)
-  jax.tree.map(np.testing.assert_array_equal, prior_lib.unstack_blocks(stacked), params)
+  jax.tree.map(np.testing.assert_array_equal, prior_stage.unstack_blocks(stacked), params)
   want = convert_prior.params_to_diffusers(params, cfg)
   got = convert_prior.params_to_diffusers(stacked, cfg)
   assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
-  specs = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *prior_lib.dummy_inputs(model)))
+  specs = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *builders.prior_dummy_inputs(model)))
   assert specs["params"]["transformer_blocks"]["attn1"]["to_q"]["kernel"] == jax.sharding.PartitionSpec(
       "layers", "embed", "heads")
 

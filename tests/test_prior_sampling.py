@@ -8,14 +8,15 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_unclip as scheduling_unclip  # noqa: E402
 
-from unclip_jax import prior_lib  # noqa: E402
-from unclip_jax.ckpt import convert_prior  # noqa: E402
+from unclip_jax.stages import prior as prior_lib  # noqa: E402
+from unclip_jax.convert import prior as convert_prior  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
 from unclip_jax.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from unclip_jax.diffusion.schedules import NoiseSchedule  # noqa: E402
 from unclip_jax.models import prior as prior_lib_model  # noqa: E402
+from unclip_jax.stages import builders  # noqa: E402
 
-from test_prior_parity import TINY_KW, make_torch_prior  # noqa: E402
+from helpers import PRIOR_KW as TINY_KW, letters_tokenizer, make_torch_prior  # noqa: E402
 
 B, E, L = 2, TINY_KW["embedding_dim"], TINY_KW["num_embeddings"]
 
@@ -63,7 +64,7 @@ def setup(tmp_path_factory):
   d = tmp_path_factory.mktemp("prior_sampling")
   torch_prior.save_pretrained(d)
   cfg, params = convert_prior.load_diffusers(d)
-  model = prior_lib_model.from_config(cfg)
+  model = builders.prior(cfg)
   rng = np.random.default_rng(0)
   mask = np.arange(L)[None, :] < np.array([[6], [L]])
   cond = prior_lib.TextCond(jnp.asarray(rng.standard_normal((B, E)), jnp.float32),
@@ -140,32 +141,19 @@ class _StopAfterPrior(Exception):
   pass
 
 
-def _tiny_tokenizer():
-  from transformers import CLIPTokenizer
-
-  vocab = {"!": 0}
-  for suffix in ("", "</w>"):
-    for c in "abcdefghijklmnopqrstuvwxyz":
-      vocab[c + suffix] = len(vocab)
-  for piece in ("lo", "low</w>", "er</w>", "<|startoftext|>", "<|endoftext|>"):   # EOS has the largest id
-    vocab[piece] = len(vocab)
-  merges = [("l", "o"), ("lo", "w</w>"), ("e", "r</w>")]
-  return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=L)
-
-
 def test_prior_stage_of_real_unclip_pipeline(setup):
-  """`UnCLIPPipeline.__call__` itself (components assembled in the test, §2.3): its prior output, captured where
+  """`UnCLIPPipeline.__call__` itself (components assembled in the test): its prior output, captured where
   it enters text_proj, equals our sampler fed the pipeline's own text encodings, latents and step noise."""
   from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
   torch_prior, model, params, _, _ = setup
-  tokenizer = _tiny_tokenizer()
+  tokenizer = letters_tokenizer(L)
   torch.manual_seed(0)
   text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
       vocab_size=len(tokenizer), hidden_size=E, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
       max_position_embeddings=L, projection_dim=E, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2,
       pad_token_id=1)).eval()
-  try:                                                   # §2.1: moved in 0.38
+  try:                                                   # UnCLIPTextProjModel moved in diffusers 0.38
     from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
   except ImportError:
     from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
@@ -226,8 +214,8 @@ def test_make_sampler_from_tiny_config():
   from unclip_jax import config_lib
 
   cfg = config_lib.load_config("configs/prior.py:tiny", ['sampling.steps="5"'])
-  model = prior_lib_model.from_config(cfg.model, dtype="float32")
-  params = prior_lib_model.init_params(model, jax.random.key(0))
+  model = builders.prior(cfg.model, dtype="float32")
+  params = builders.init_prior(model, jax.random.key(0))
   params = prior_lib.with_clip_stats(params, jnp.full((E,), 0.5), jnp.full((E,), 2.0))
   cond = prior_lib.TextCond(jnp.ones((B, E)), jnp.ones((B, L, E)), jnp.ones((B, L), bool))
   out = prior_lib.make_sampler(cfg, model)(params, cond, jax.random.key(0))

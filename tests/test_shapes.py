@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from unclip_jax.data import builders, pipeline, shapes
+from unclip_jax.data import builders, pipeline
+from unclip_jax.shapes import data as shapes
 
 HOLDOUT = [("red", "circle"), ("blue", "triangle"), ("green", "square")]
 

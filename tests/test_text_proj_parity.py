@@ -13,13 +13,14 @@ try:
 except ImportError:  # diffusers <= 0.37
   from diffusers.pipelines.unclip.text_proj import UnCLIPTextProjModel
 
-from unclip_jax.ckpt import convert_unet  # noqa: E402
+from unclip_jax.convert import unet as convert_unet  # noqa: E402
 from unclip_jax.models import text_proj as tp_lib  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
+from unclip_jax.stages import builders  # noqa: E402
 
-import test_unet_parity as unet_tests  # noqa: E402  (tests/ is on pythonpath)
+import helpers  # noqa: E402
 
-TP_KW = dict(clip_extra_context_tokens=4, clip_embeddings_dim=32, time_embed_dim=64, cross_attention_dim=24)
+TP_KW = helpers.TP_KW
 B, L, E = 2, 16, 32
 
 
@@ -43,7 +44,7 @@ def torch_forward(model, inp, cfg):
 
 
 def jax_forward(cfg_block, params, inp, cfg):
-  model = tp_lib.from_config(cfg_block, dtype="float32")
+  model = convert_unet.text_proj_from_block(cfg_block, dtype="float32")
   out = model.apply({"params": params}, image_embeddings=jnp.asarray(inp["img"]),
                     prompt_embeds=jnp.asarray(inp["prompt"]), text_encoder_hidden_states=jnp.asarray(inp["hidden"]),
                     do_classifier_free_guidance=cfg)
@@ -53,7 +54,7 @@ def jax_forward(cfg_block, params, inp, cfg):
 @pytest.fixture(scope="module")
 def text_proj(tmp_path_factory):
   torch.manual_seed(0)
-  model = unet_tests.randomize(UnCLIPTextProjModel(**TP_KW), 5)     # incl. the zero-initialised CFG embedding
+  model = helpers.randomize(UnCLIPTextProjModel(**TP_KW), 5)     # incl. the zero-initialised CFG embedding
   d = tmp_path_factory.mktemp("text_proj")
   model.save_pretrained(d)
   cfg, params = convert_unet.load_diffusers_text_proj(d)
@@ -72,8 +73,8 @@ def test_matches_diffusers(text_proj, cfg):
   (we, wc), (ge, gc) = torch_forward(text_proj["torch"], inp, cfg), jax_forward(text_proj["cfg"],
                                                                                 text_proj["params"], inp, cfg)
   assert ge.shape == (2 * B if cfg else B, 4 + L, 24) and gc.shape == (ge.shape[0], 64)
-  unet_tests.compare(ge, we, f"text_proj tokens (cfg={cfg})")
-  unet_tests.compare(gc, wc, f"text_proj class_labels (cfg={cfg})")
+  helpers.compare(ge, we, f"text_proj tokens (cfg={cfg})")
+  helpers.compare(gc, wc, f"text_proj class_labels (cfg={cfg})")
 
 
 def test_export_loads_in_diffusers(text_proj, tmp_path):
@@ -85,7 +86,7 @@ def test_export_loads_in_diffusers(text_proj, tmp_path):
 
 
 def test_extra_tokens_are_channel_major(text_proj):
-  """Linear output row r is channel r // 4 of image token r % 4 (§5.3)."""
+  """Linear output row r is channel r // 4 of image token r % 4 (diffusers reshapes channel-major)."""
   inp = make_inputs(cfg=False)
   ehs, _ = jax_forward(text_proj["cfg"], text_proj["params"], inp, False)
   p = text_proj["params"]["clip_extra_context_tokens_proj"]
@@ -95,7 +96,7 @@ def test_extra_tokens_are_channel_major(text_proj):
 
 
 def test_drop_image_uses_cfg_embedding(text_proj):
-  model = tp_lib.from_config(text_proj["cfg"])
+  model = convert_unet.text_proj_from_block(text_proj["cfg"])
   inp = make_inputs(cfg=False)
   kw = dict(prompt_embeds=jnp.asarray(inp["prompt"]), text_encoder_hidden_states=jnp.asarray(inp["hidden"]))
   img = jnp.asarray(inp["img"])
@@ -108,7 +109,7 @@ def test_drop_image_uses_cfg_embedding(text_proj):
 
 
 def test_bad_inputs_raise(text_proj):
-  model, p = tp_lib.from_config(text_proj["cfg"]), {"params": text_proj["params"]}
+  model, p = convert_unet.text_proj_from_block(text_proj["cfg"]), {"params": text_proj["params"]}
   inp = make_inputs(cfg=True)
   kw = dict(image_embeddings=inp["img"], prompt_embeds=inp["prompt"], text_encoder_hidden_states=inp["hidden"])
   with pytest.raises(ValueError, match="prompt_embeds must be"):
@@ -122,9 +123,9 @@ def test_bad_inputs_raise(text_proj):
 
 
 def test_decoder_conditioning_matches_pipeline(text_proj, tmp_path):
-  """text_proj -> left-padded mask -> decoder UNet on [uncond; cond], as diffusers' UnCLIPPipeline does (§7.4)."""
+  """text_proj -> left-padded mask -> decoder UNet on [uncond; cond], as diffusers' UnCLIPPipeline does."""
   torch.manual_seed(0)
-  unet = unet_tests.randomize(diffusers.UNet2DConditionModel(**unet_tests.DECODER_KW), 1)
+  unet = helpers.randomize(diffusers.UNet2DConditionModel(**helpers.DECODER_KW), 1)
   unet.save_pretrained(tmp_path)
   unet_cfg, unet_params = convert_unet.load_diffusers_unet(tmp_path)
   inp = make_inputs(seed=1, cfg=True)
@@ -136,14 +137,14 @@ def test_decoder_conditioning_matches_pipeline(text_proj, tmp_path):
                                  text_encoder_hidden_states=torch.from_numpy(inp["hidden"]),
                                  do_classifier_free_guidance=True)
     mask = torch.nn.functional.pad(torch.from_numpy(inp["mask"]), (4, 0), value=True)
-    xx = unet_tests.nchw(np.concatenate([x, x]))
-    want = unet_tests.nhwc(unet(xx, t, encoder_hidden_states=ehs, class_labels=cl, attention_mask=mask).sample)
-  tp = tp_lib.from_config(text_proj["cfg"])
+    xx = helpers.nchw(np.concatenate([x, x]))
+    want = helpers.nhwc(unet(xx, t, encoder_hidden_states=ehs, class_labels=cl, attention_mask=mask).sample)
+  tp = convert_unet.text_proj_from_block(text_proj["cfg"])
   cond = tp.apply({"params": text_proj["params"]}, image_embeddings=jnp.asarray(inp["img"]),
                   prompt_embeds=jnp.asarray(inp["prompt"]), text_encoder_hidden_states=jnp.asarray(inp["hidden"]),
                   text_mask=jnp.asarray(inp["mask"]), method=tp_lib.UnCLIPTextProj.conditioning)
   np.testing.assert_array_equal(np.asarray(cond["attention_mask"]), mask.numpy())
-  model = unet_lib.from_config(unet_cfg, dtype="float32")
+  model = builders.unet(unet_cfg, dtype="float32")
   got = jax.jit(lambda p, x, c: model.apply({"params": p}, x, jnp.full((2 * B,), t), **c))(
       unet_params, jnp.concatenate([x, x]), cond)
-  unet_tests.compare(np.asarray(got), want, "text_proj + decoder (CFG batch)")
+  helpers.compare(np.asarray(got), want, "text_proj + decoder (CFG batch)")

@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from unclip_jax import config_lib
-from unclip_jax.data import builders, shapes
-from unclip_jax.train import loop, stages
+from unclip_jax.data import builders
+from unclip_jax.shapes import data as shapes
+from unclip_jax import stages
+from unclip_jax.train import loop
+from unclip_jax.stages import common
+from unclip_jax.inference import images as images_lib
 
 N = 16
 
@@ -109,15 +113,15 @@ def test_ar_prior_statistics_are_frozen_params(datasets, tmp_path):
 
 def test_evaluation_writes_scalars_and_image_grids(tmp_path):
   images = np.linspace(-1, 1, 5 * 4 * 6 * 3, dtype=np.float32).reshape(5, 4, 6, 3)
-  grid = loop.image_grid(images)
+  grid = images_lib.image_grid(images)
   assert grid.shape == (2 * 4, 3 * 6, 3) and grid.dtype == np.uint8
   np.testing.assert_array_equal(grid[4:8, 6:12], np.clip(np.round((images[4] + 1) * 127.5), 0, 255))
   assert not grid[4:, 12:].any()                 # padding of the unused sixth cell
-  task = loop.Task(init_params=None, loss_fn=None, data=None,
+  task = common.Task(init_params=None, loss_fn=None, data=None,
                    evaluate=lambda params: {"samples": images, "score": np.float32(0.5)})
   writer = loop.MetricsWriter(tmp_path, total_steps=1, start_step=0)
   assert loop.run_evaluation(task, None, 7, writer) == {"eval/score": 0.5}
   writer.close()
   assert (tmp_path / "samples" / "samples_0000007.png").is_file()
   with pytest.raises(ValueError, match="expected a scalar"):
-    loop.run_evaluation(loop.Task(None, None, None, evaluate=lambda p: {"bad": np.zeros((2, 3))}), None, 1, writer)
+    loop.run_evaluation(common.Task(None, None, None, evaluate=lambda p: {"bad": np.zeros((2, 3))}), None, 1, writer)

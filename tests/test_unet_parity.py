@@ -12,46 +12,14 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from unclip_jax import config_lib  # noqa: E402
-from unclip_jax.ckpt import convert_unet  # noqa: E402
+from unclip_jax.convert import unet as convert_unet  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
+from unclip_jax.stages import builders, common  # noqa: E402
+
+from helpers import DECODER_KW, REL_TOL, SR_KW, compare, nchw, nhwc, randomize  # noqa: E402,F401
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-DECODER_KW = dict(sample_size=16, in_channels=3, out_channels=6,
-                  down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D",
-                                    "SimpleCrossAttnDownBlock2D"],
-                  up_block_types=["SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-                  mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=[16, 32, 48], layers_per_block=2,
-                  norm_num_groups=8, cross_attention_dim=24, attention_head_dim=8,
-                  resnet_time_scale_shift="scale_shift", class_embed_type="identity")
-SR_KW = dict(sample_size=32, in_channels=6, out_channels=3, layers_per_block=2, norm_num_groups=8,
-             block_out_channels=[16, 32, 48], down_block_types=["ResnetDownsampleBlock2D"] * 3,
-             up_block_types=["ResnetUpsampleBlock2D"] * 3, add_attention=False)
 B, T = 2, 20
-REL_TOL = 1e-4
-
-
-def randomize(model, seed):
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():          # every parameter: diffusers zero-inits none here, but be explicit
-      p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-  return model.eval()
-
-
-def nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(x):
-  return x.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def compare(got, want, what):
-  err = np.abs(got - want).max()
-  rel = err / np.abs(want).max()
-  print(f"{what}: max|d|={err:.3g} rel={rel:.3g} (max|want|={np.abs(want).max():.3g})")
-  assert rel < REL_TOL, f"{what}: relative error {rel:.3g}"
-  return err, rel
 
 
 def decoder_inputs(seed=0):
@@ -64,7 +32,7 @@ def decoder_inputs(seed=0):
 
 
 def jax_apply(model_cfg, params, x, t, **kw):
-  model = unet_lib.from_config(model_cfg, dtype="float32")
+  model = builders.unet(model_cfg, dtype="float32")
   fn = jax.jit(lambda p, x, t, kw: model.apply({"params": p}, x, t, **kw))
   return np.asarray(fn(params, jnp.asarray(x), jnp.asarray(t, jnp.int32), {k: jnp.asarray(v) for k, v in kw.items()}))
 
@@ -133,7 +101,7 @@ def _call_kw(decoder):
 def test_decoder_bf16(decoder):
   """bf16 compute with float32 params and output stays close to the fp32 result."""
   x, t, kw = _call_kw(decoder)
-  bf16 = unet_lib.from_config(decoder["cfg"], dtype="bfloat16")
+  bf16 = builders.unet(decoder["cfg"], dtype="bfloat16")
   out = jax.jit(lambda p: bf16.apply({"params": p}, x, t, **kw))(decoder["params"])
   assert out.dtype == jnp.float32
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(decoder["params"]))
@@ -146,8 +114,8 @@ def test_decoder_bf16(decoder):
 def test_decoder_remat_same_gradients(decoder):
   x, t, kw = _call_kw(decoder)
   loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, x, t, **kw) ** 2)))
-  l1, g1 = loss(unet_lib.from_config(decoder["cfg"], dtype="float32", remat="dots_saveable"))(decoder["params"])
-  l2, g2 = loss(unet_lib.from_config(decoder["cfg"], dtype="float32"))(decoder["params"])
+  l1, g1 = loss(builders.unet(decoder["cfg"], dtype="float32", remat="dots_saveable"))(decoder["params"])
+  l2, g2 = loss(builders.unet(decoder["cfg"], dtype="float32"))(decoder["params"])
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g2)
 
@@ -156,7 +124,7 @@ def test_decoder_remat_same_gradients(decoder):
 def test_decoder_dropout_flag(decoder):
   """`deterministic=False` draws from the 'dropout' rng in every resnet; True reproduces the eval output."""
   x, t, kw = _call_kw(decoder)
-  model = unet_lib.from_config(dict(decoder["cfg"], dropout=0.3), dtype="float32")
+  model = builders.unet(dict(decoder["cfg"], dropout=0.3), dtype="float32")
   f = jax.jit(lambda p, r, det: model.apply({"params": p}, x, t, deterministic=det, rngs={"dropout": r}, **kw),
               static_argnums=2)
   a, b = f(decoder["params"], jax.random.key(0), False), f(decoder["params"], jax.random.key(1), False)
@@ -166,12 +134,12 @@ def test_decoder_dropout_flag(decoder):
 
 def test_remat_keeps_param_tree():
   cfg = config_lib.load_config(os.path.join(ROOT, "configs/decoder.py:tiny")).model
-  plain = unet_lib.abstract_params(unet_lib.from_config(cfg))
+  plain = builders.abstract(builders.init_unet, builders.unet(cfg))
   for policy in ("full", "dots_saveable"):
-    assert jax.tree.structure(unet_lib.abstract_params(unet_lib.from_config(cfg, remat=policy))) == \
+    assert jax.tree.structure(builders.abstract(builders.init_unet, builders.unet(cfg, remat=policy))) == \
         jax.tree.structure(plain)
   with pytest.raises(ValueError, match="unknown remat policy"):
-    unet_lib.abstract_params(unet_lib.from_config(cfg, remat="sometimes"))
+    builders.abstract(builders.init_unet, builders.unet(cfg, remat="sometimes"))
 
 
 def test_resnet_dropout_uses_rng():
@@ -194,12 +162,12 @@ def super_res(tmp_path_factory):
   rng = np.random.default_rng(1)
   x_t = rng.standard_normal((B, 32, 32, 3)).astype(np.float32)
   low = np.tanh(rng.standard_normal((B, 16, 16, 3))).astype(np.float32)
-  with torch.no_grad():        # the pipeline's upsampling (§7.5)
+  with torch.no_grad():        # the pipeline's upsampling (bicubic, antialiased)
     up = torch.nn.functional.interpolate(nchw(low), size=[32, 32], mode="bicubic", align_corners=False,
                                          antialias=True)
     want = nhwc(model(torch.cat([nchw(x_t), up], 1), torch.tensor([500, 3])).sample)
   cfg, params = convert_unet.load_diffusers_unet(d)
-  x = unet_lib.model_input(jnp.asarray(x_t), conditioning=cfg.conditioning, low_res=jnp.asarray(low))
+  x = common.model_input(jnp.asarray(x_t), conditioning=cfg.conditioning, low_res=jnp.asarray(low))
   return dict(torch=model, cfg=cfg, params=params, x=np.asarray(x), up=nhwc(up), t=np.array([500, 3]), want=want,
               got=jax_apply(cfg, params, x, np.array([500, 3])))
 
@@ -242,7 +210,7 @@ def _meta_count(cls, config):
 def test_karlo_param_counts(spec, cls, millions):
   """eval_shape only (no allocation); equals diffusers built on the meta device from our exported config."""
   cfg = config_lib.load_config(os.path.join(ROOT, spec))
-  n = unet_lib.param_count(unet_lib.from_config(cfg.model))
+  n = builders.unet_param_count(builders.unet(cfg.model))
   print(f"{spec}: {n} params")
   assert round(n / 1e6, 1) == millions
   dcfg = convert_unet.diffusers_config_from_unet(cfg.model)
@@ -254,12 +222,12 @@ def test_all_config_variants_build():
   for spec in ("configs/decoder.py:tiny", "configs/decoder.py:glide", "configs/upsampler.py:tiny",
                "configs/upsampler.py:paper_256_1024"):
     cfg = config_lib.load_config(os.path.join(ROOT, spec))
-    assert unet_lib.param_count(unet_lib.from_config(cfg.model)) > 0
+    assert builders.unet_param_count(builders.unet(cfg.model)) > 0
 
 
 # ---- input checks ---------------------------------------------------------------------------------------------
 def test_bad_inputs_raise(decoder):
-  model, params, inp = unet_lib.from_config(decoder["cfg"]), decoder["params"], decoder["inp"]
+  model, params, inp = builders.unet(decoder["cfg"]), decoder["params"], decoder["inp"]
   kw = dict(encoder_hidden_states=inp["ehs"], class_labels=inp["class_labels"], attention_mask=inp["mask"])
   run = lambda x, **k: jax.eval_shape(lambda p: model.apply({"params": p}, x, inp["t"], **{**kw, **k}), params)
   with pytest.raises(ValueError, match="divisible by 2"):
@@ -281,16 +249,16 @@ def test_bad_inputs_raise(decoder):
 def test_model_input_layouts():
   x = jnp.ones((1, 8, 8, 3))
   img, mask = jnp.full((1, 8, 8, 3), 2.0), jnp.zeros((1, 8, 8)).at[:, :4].set(1.0)
-  out = unet_lib.model_input(x, conditioning="inpaint", inpaint_image=img, inpaint_mask=mask)
-  assert out.shape == (1, 8, 8, 7) == (1, 8, 8, unet_lib.input_channels(3, "inpaint"))
+  out = common.model_input(x, conditioning="inpaint", inpaint_image=img, inpaint_mask=mask)
+  assert out.shape == (1, 8, 8, 7) == (1, 8, 8, builders.input_channels(3, "inpaint"))
   np.testing.assert_array_equal(out[..., 3:6], img * mask[..., None])
   np.testing.assert_array_equal(out[..., 6], mask)
-  out = unet_lib.model_input(x, conditioning="inpaint_low_res", low_res=jnp.ones((1, 4, 4, 3)))
+  out = common.model_input(x, conditioning="inpaint_low_res", low_res=jnp.ones((1, 4, 4, 3)))
   assert out.shape == (1, 8, 8, 10) and float(jnp.abs(out[..., 3:7]).max()) == 0.0
   with pytest.raises(ValueError, match="needs low_res"):
-    unet_lib.model_input(x, conditioning="low_res")
+    common.model_input(x, conditioning="low_res")
   with pytest.raises(ValueError, match="unknown conditioning"):
-    unet_lib.model_input(x, conditioning="depth")
+    common.model_input(x, conditioning="depth")
 
 
 # ---- converter errors -----------------------------------------------------------------------------------------
@@ -336,7 +304,7 @@ def test_converter_rejects_unsupported_configs():
 
 
 # ---- original Karlo / GLIDE layout ----------------------------------------------------------------------------
-# Diffusers twin of the §13 Karlo PLMImUNet / GLIDE Text2ImUNet instances: 2 levels, L=2, attention at level 1.
+# Diffusers twin of the tiny Karlo PLMImUNet / GLIDE Text2ImUNet instances: 2 levels, L=2, attention at level 1.
 TWIN = dict(in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=2,
             attention_levels=(False, True), mid_block_attention=True, head_dim=16, cross_attention_dim=24,
             class_embed_type="identity", time_scale_shift="scale_shift", norm_num_groups=32)
@@ -361,10 +329,10 @@ def _assert_trees_equal(a, b):
 def test_karlo_decoder_layout_round_trip():
   from unclip_jax.models import text_proj as tp_lib
 
-  params = _random_params(lambda: unet_lib.abstract_params(unet_lib.from_config(TWIN)), 0)
-  tp = _random_params(lambda: tp_lib.abstract_params(tp_lib.from_config(TP_TWIN)), 1)
+  params = _random_params(lambda: builders.abstract(builders.init_unet, builders.unet(TWIN)), 0)
+  tp = _random_params(lambda: builders.abstract(builders.init_text_proj, convert_unet.text_proj_from_block(TP_TWIN)), 1)
   state = convert_unet.params_to_karlo_decoder(params, tp, TWIN, TP_TWIN)
-  # Index arithmetic (§9.3) for N=2, L=2, attention at level 1.
+  # Index arithmetic (docs/layouts.md, "Karlo decoder") for N=2, L=2, attention at level 1.
   for key in ("model.input_blocks.0.0.weight", "model.input_blocks.3.0.in_layers.0.weight",
               "model.input_blocks.5.1.qkv.weight", "model.middle_block.1.encoder_kv.weight",
               "model.middle_block.2.out_layers.3.weight", "model.output_blocks.2.2.in_layers.2.weight",
@@ -386,7 +354,7 @@ def test_karlo_decoder_layout_round_trip():
 
 
 def test_karlo_sr_and_glide_layout_round_trip():
-  make = lambda cfg, seed: _random_params(lambda: unet_lib.abstract_params(unet_lib.from_config(cfg)), seed)
+  make = lambda cfg, seed: _random_params(lambda: builders.abstract(builders.init_unet, builders.unet(cfg)), seed)
   first, last = make(SR_TWIN, 0), make(SR_TWIN, 1)
   state = convert_unet.params_to_karlo_sr(first, last, SR_TWIN)
   assert "model.model_first_steps.output_blocks.2.1.in_layers.0.weight" in state     # upsampler: .1 w/o attention
@@ -403,7 +371,7 @@ def test_karlo_sr_and_glide_layout_round_trip():
 
 
 def test_interleaved_heads_hand_made():
-  """§9.1 by hand: fused rows are [q_h0, k_h0, v_h0, q_h1, ...] and [k_h0, v_h0, k_h1, ...], head_dim rows each."""
+  """The per-head split (docs/layouts.md, "Fused projections") by hand: fused rows are [q_h0, k_h0, v_h0, q_h1, ...] and [k_h0, v_h0, k_h1, ...], head_dim rows each."""
   heads, d, c, dc = 4, 16, 64, 24
   rng = np.random.default_rng(3)
   q, k, v = (rng.standard_normal((heads * d, c)).astype(np.float32) for _ in range(3))
@@ -414,7 +382,7 @@ def test_interleaved_heads_hand_made():
     qkv += [q[rows], k[rows], v[rows]]
     ekv += [ek[rows], ev[rows]]
   qkv, ekv = np.concatenate(qkv), np.concatenate(ekv)
-  params = _random_params(lambda: unet_lib.abstract_params(unet_lib.from_config(TWIN)), 0)
+  params = _random_params(lambda: builders.abstract(builders.init_unet, builders.unet(TWIN)), 0)
   state = convert_unet.params_to_glide(params, TWIN)
   pre = "input_blocks.4.1"
   state[f"{pre}.qkv.weight"], state[f"{pre}.qkv.bias"] = qkv[:, :, None], qkv[:, 0]
@@ -462,7 +430,7 @@ def test_guided_attention_semantics_numpy():
 
 # ---- sharding -------------------------------------------------------------------------------------------------
 def _boxed_abstract(model):
-  args, kw = unet_lib.dummy_inputs(model)
+  args, kw = builders.unet_dummy_inputs(model)
   return jax.eval_shape(lambda r: model.init(r, *args, **kw), jax.random.key(0))["params"]
 
 
@@ -472,7 +440,7 @@ def test_karlo_decoder_params_are_sharded():
 
   cfg = config_lib.load_config(os.path.join(ROOT, "configs/decoder.py:karlo"))
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  abstract = _boxed_abstract(unet_lib.from_config(cfg.model))
+  abstract = _boxed_abstract(builders.unet(cfg.model))
   shardings = partitioning.param_shardings(abstract, mesh, cfg.axis_rules)
   leaves = jax.tree.leaves(partitioning.strip_boxes(abstract))
   nbytes = [x.size * 4 for x in leaves]
@@ -488,7 +456,7 @@ def test_sharded_forward_matches(decoder):
 
   cfg = config_lib.load_config(os.path.join(ROOT, "configs/decoder.py:tiny"))
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  model = unet_lib.from_config(decoder["cfg"], dtype="float32")
+  model = builders.unet(decoder["cfg"], dtype="float32")
   shardings = partitioning.param_shardings(_boxed_abstract(model), mesh, cfg.axis_rules, min_bytes=0)
   params = jax.device_put(decoder["params"], shardings)
   x, t, kw = _call_kw(decoder)
@@ -501,8 +469,8 @@ def test_load_karlo_decoder_file(tmp_path):
   """A Lightning-style `.ckpt` (read with torch.load(weights_only=True)) of the tiny twin loads; bad files fail."""
   from unclip_jax.models import text_proj as tp_lib
 
-  params = _random_params(lambda: unet_lib.abstract_params(unet_lib.from_config(TWIN)), 0)
-  tp = _random_params(lambda: tp_lib.abstract_params(tp_lib.from_config(TP_TWIN)), 1)
+  params = _random_params(lambda: builders.abstract(builders.init_unet, builders.unet(TWIN)), 0)
+  tp = _random_params(lambda: builders.abstract(builders.init_text_proj, convert_unet.text_proj_from_block(TP_TWIN)), 1)
   state = convert_unet.params_to_karlo_decoder(params, tp, TWIN, TP_TWIN)
   path = tmp_path / "decoder.ckpt"
   torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}, "global_step": 7}, path)
@@ -520,10 +488,10 @@ def test_karlo_constants_match_configs():
   for consts, spec in ((convert_unet.KARLO_DECODER, "configs/decoder.py:karlo"),
                        (convert_unet.KARLO_SR, "configs/upsampler.py:karlo_64_256")):
     cfg = config_lib.load_config(os.path.join(ROOT, spec))
-    assert unet_lib.from_config(consts) == unet_lib.from_config(cfg.model).clone(dropout=0.0)
+    assert builders.unet(consts) == builders.unet(cfg.model).clone(dropout=0.0)
 
 
 def test_in_channels_must_match_conditioning():
   with pytest.raises(ValueError, match="does not match conditioning='inpaint'"):
-    unet_lib.from_config(dict(TWIN, conditioning="inpaint", in_channels=3))
-  assert unet_lib.from_config(dict(TWIN, conditioning="inpaint", in_channels=None)).in_channels == 7
+    builders.unet(dict(TWIN, conditioning="inpaint", in_channels=3))
+  assert builders.unet(dict(TWIN, conditioning="inpaint", in_channels=None)).in_channels == 7

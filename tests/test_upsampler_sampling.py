@@ -9,15 +9,16 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_unclip as scheduling_unclip  # noqa: E402
 
-from unclip_jax import upsampler_lib  # noqa: E402
-from unclip_jax.ckpt import convert_unet  # noqa: E402
+from unclip_jax.stages import upsampler as upsampler_lib  # noqa: E402
+from unclip_jax.convert import unet as convert_unet  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
 from unclip_jax.diffusion.gaussian import GaussianDiffusion  # noqa: E402
 from unclip_jax.diffusion.schedules import NoiseSchedule, step_table  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
+from unclip_jax.stages import builders, common  # noqa: E402
 
-import test_unet_parity as unet_tests  # noqa: E402  (tests/ is on pythonpath)
-from test_decoder_sampling import fake_randn_from, nchw, nhwc, one_torch_thread  # noqa: E402,F401 (autouse)
+import helpers  # noqa: E402
+from helpers import fake_randn_from, nchw, nhwc  # noqa: E402
 
 B, LOW, HIGH, STEPS = 2, 16, 32, 7
 TOL = 1e-3
@@ -41,10 +42,10 @@ def diffusers_super_res_stage(super_res_first, super_res_last, scheduler, image_
 
 
 def make_torch_super_res():
-  """super_res_first / super_res_last: the same tiny UNet2DModel (§13) with different random weights."""
+  """super_res_first / super_res_last: the same tiny UNet2DModel with different random weights."""
   torch.manual_seed(0)
-  first = unet_tests.randomize(diffusers.UNet2DModel(**unet_tests.SR_KW), 2)
-  last = unet_tests.randomize(diffusers.UNet2DModel(**{**unet_tests.SR_KW, "sample_size": None}), 3)
+  first = helpers.randomize(diffusers.UNet2DModel(**helpers.SR_KW), 2)
+  last = helpers.randomize(diffusers.UNet2DModel(**{**helpers.SR_KW, "sample_size": None}), 3)
   return first, last
 
 
@@ -54,7 +55,7 @@ def convert_super_res(first, last, tmp):
   cfg, p_first = convert_unet.load_diffusers_unet(tmp / "super_res_first")
   cfg_last, p_last = convert_unet.load_diffusers_unet(tmp / "super_res_last")
   assert cfg.conditioning == cfg_last.conditioning == "low_res"
-  return unet_lib.from_config(cfg, dtype="float32"), p_first, p_last
+  return builders.unet(cfg, dtype="float32"), p_first, p_last
 
 
 def sr_diffusion():
@@ -101,7 +102,7 @@ def test_last_model_runs_only_the_final_step(setup):
   unet, diffusion = s["unet"], sr_diffusion()
   x_T = jax.random.normal(jax.random.key(3), (B, HIGH, HIGH, 3))
   rng = jax.random.key(4)
-  upsampled = unet_lib.upsample_low_res(s["low_res"], HIGH, "bicubic")
+  upsampled = common.upsample_low_res(s["low_res"], HIGH, "bicubic")
   table = step_table(diffusion.schedule, str(STEPS), SR_SETTINGS.single_step_beta).as_scan_inputs()
 
   @jax.jit
@@ -124,20 +125,20 @@ def test_last_model_runs_only_the_final_step(setup):
 
 
 def test_make_sampler_from_tiny_config(setup):
-  """configs/upsampler.py:tiny builds the diffusers twin (§13); its jitted make_sampler (7 steps, bicubic, first/last
+  """configs/upsampler.py:tiny builds the diffusers twin; its jitted make_sampler (7 steps, bicubic, first/last
   split from cfg) reproduces the diffusers-matched result; last_step_model is enforced."""
   from unclip_jax import config_lib
 
   s = setup
   cfg = config_lib.load_config("configs/upsampler.py:tiny", ['sampling.single_step_beta="schedule"'])
   assert (cfg.sampling.steps, cfg.model.resize_method, cfg.last_step_model) == (str(STEPS), "bicubic", True)
-  unet = unet_lib.from_config(cfg.model, dtype="float32")
-  assert jax.tree.map(lambda x: x.shape, unet_lib.abstract_params(unet)) == \
+  unet = builders.unet(cfg.model, dtype="float32")
+  assert jax.tree.map(lambda x: x.shape, builders.abstract(builders.init_unet, unet)) == \
       jax.tree.map(lambda x: x.shape, s["first"])
   run = upsampler_lib.make_sampler(cfg, unet)
   x_T = jax.random.normal(jax.random.key(5), (B, HIGH, HIGH, 3))
   args = jax.device_put((s["first"], s["last"], s["low_res"], x_T, jax.random.key(6)))
-  with jax.transfer_guard("disallow"):                  # STYLE.md §4.2: no implicit host transfers
+  with jax.transfer_guard("disallow"):                  # no implicit host transfers
     out = run(*args)
   np.testing.assert_allclose(np.asarray(out), np.asarray(s["run"](*args)), atol=1e-5)
   with pytest.raises(ValueError, match="pass params_last"):
@@ -167,16 +168,14 @@ def test_bad_inputs(setup):
 
 
 def test_real_unclip_pipeline_end_to_end(setup, tmp_path, monkeypatch):
-  """`UnCLIPPipeline.__call__` itself (tiny components assembled in the test, §2.3; prior g=4, decoder g=8, 25 + 25
+  """`UnCLIPPipeline.__call__` itself (tiny components assembled in the test; prior g=4, decoder g=8, 25 + 25
   + 7 steps) equals our prior -> decoder -> super-res chain fed the pipeline's text encodings, the same latents
   and the same per-step noise: the decoder output (seen where it enters super_res_first) and the final images."""
   from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-  from test_decoder_sampling import convert_decoder, decoder_diffusion, make_torch_decoder
-  from test_prior_parity import TINY_KW, make_torch_prior
-  from test_prior_sampling import _tiny_tokenizer
-  from unclip_jax import decoder_lib, prior_lib
-  from unclip_jax.ckpt import convert_prior
+  from helpers import PRIOR_KW as TINY_KW, convert_decoder, letters_tokenizer, make_torch_decoder, make_torch_prior
+  from unclip_jax.stages import decoder as decoder_lib, prior as prior_lib
+  from unclip_jax.convert import prior as convert_prior
   from unclip_jax.models import prior as prior_model
 
   s = setup
@@ -184,10 +183,10 @@ def test_real_unclip_pipeline_end_to_end(setup, tmp_path, monkeypatch):
   torch_prior = make_torch_prior(3)
   torch_prior.save_pretrained(tmp_path / "prior")
   prior_cfg, prior_params = convert_prior.load_diffusers(tmp_path / "prior")
-  prior = prior_model.from_config(prior_cfg)
+  prior = builders.prior(prior_cfg)
   torch_decoder, torch_tp = make_torch_decoder()
   unet, text_proj, dec_params = convert_decoder(torch_decoder, torch_tp, tmp_path)
-  tokenizer = _tiny_tokenizer()
+  tokenizer = letters_tokenizer(TINY_KW["num_embeddings"])
   torch.manual_seed(0)
   text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
       vocab_size=len(tokenizer), hidden_size=e, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -255,7 +254,7 @@ def test_real_unclip_pipeline_end_to_end(setup, tmp_path, monkeypatch):
                                                                  single_step_beta="schedule"))
     big = upsampler_lib.sample(first, last, small, sr_x_T, sr_rng, unet=s["unet"], diffusion=sr_diffusion(),
                                steps=str(STEPS), settings=SR_SETTINGS)
-    return image_emb, unet_lib.upsample_low_res(small, HIGH), big
+    return image_emb, common.upsample_low_res(small, HIGH), big
 
   image_emb, upscaled, big = chain(prior_params, dec_params, s["first"], s["last"])
   errs = dict(prior=np.abs(np.asarray(image_emb) - captured["image_embeddings"].numpy()).max(),

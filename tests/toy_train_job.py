@@ -16,6 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from unclip_jax import config_lib  # noqa: E402
 from unclip_jax.train import loop  # noqa: E402
+from unclip_jax.stages import common  # noqa: E402
 
 
 class ToyMLP(nn.Module):
@@ -58,7 +59,7 @@ def make_task(sleep=0.0):
     loss = jnp.mean((model.apply({"params": params}, batch["x"], rng) - batch["y"]) ** 2)
     return loss, {"mse": loss}
 
-  return loop.Task(init_params=lambda rng: model.init(rng, jnp.zeros((1, 8)))["params"], loss_fn=loss_fn,
+  return common.Task(init_params=lambda rng: model.init(rng, jnp.zeros((1, 8)))["params"], loss_fn=loss_fn,
                    data=StepIndexedBatches(sleep=sleep))
 
 

@@ -7,8 +7,9 @@
 
 Components and their stages: "clip" (clip; text-only or both towers), "prior" (prior), "decoder" (decoder; params
 {"unet": ..., "text_proj": ...}, or {"unet", "text_encoder"} with the GLIDE text pathway), "super_res_first" and
-"super_res_last" (upsampler; the last one optional). Models are built from the stored configs with the models'
-`from_config` functions; loading checks every parameter name and shape against `jax.eval_shape` of that model.
+"super_res_last" (upsampler; the last one optional). Models are built from the stored configs by the stage modules
+(`unclip_jax.stages`); loading checks every parameter name and shape against `jax.eval_shape` of that model.
+Configs saved by older versions are completed with the fields added since (`config_lib.complete`).
 
 A component is written into a temporary folder and renamed into place, so an interrupted write never leaves a
 half component (at worst the old one or none). Nothing is pickled: JSON and safetensors only.
@@ -27,6 +28,7 @@ import ml_collections as mlc
 import numpy as np
 
 import unclip_jax
+from unclip_jax import config_lib
 
 FORMAT = "unclip_jax.bundle"
 SCHEMA = 1
@@ -42,64 +44,15 @@ Params = dict[str, Any]
 PathLike = str | os.PathLike
 
 
-# ---- configs ----------------------------------------------------------------------------------------------------
-def _tuples(x):
-  """JSON lists -> tuples, recursively (configs/*.py use tuples for every sequence)."""
-  if isinstance(x, dict):
-    return {k: _tuples(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return tuple(_tuples(v) for v in x)
-  return x
-
-
-def config_to_dict(cfg) -> dict[str, Any]:
-  """ConfigDict (or dict) -> plain JSON-able dict (tuples become lists)."""
-  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  return json.loads(json.dumps(d))
-
-
-def config_from_dict(d: Mapping[str, Any]) -> mlc.ConfigDict:
-  """JSON dict -> ConfigDict with tuples for sequences, like `configs/<stage>.py` builds it."""
-  return mlc.ConfigDict(_tuples(dict(d)))
-
-
 # ---- models and expected trees ----------------------------------------------------------------------------------
-def _glide_text_abstract(model_cfg):
-  from unclip_jax.models import glide_text
-
-  model = glide_text.from_config(model_cfg, dtype="float32")
-  if hasattr(glide_text, "abstract_params"):
-    return glide_text.abstract_params(model)
-  return jax.eval_shape(lambda rng: glide_text.init_params(model, rng), jax.random.key(0))
-
-
 def abstract_params(cfg) -> Params:
   """`jax.eval_shape` of the param tree of the model(s) `cfg` (a stage config) describes."""
-  stage = cfg.get("stage")
-  model_cfg = cfg.get("model")
-  if model_cfg is None:
-    raise ValueError("config has no 'model' block")
-  if stage == "clip":
-    from unclip_jax.models import clip as clip_lib
+  from unclip_jax import stages
 
-    return clip_lib.abstract_params(clip_lib.from_config(model_cfg, dtype="float32", remat=False))
-  if stage == "prior":
-    from unclip_jax.models import prior as prior_lib
-
-    return prior_lib.abstract_params(prior_lib.from_config(model_cfg, dtype="float32", remat=False))
-  if stage in ("decoder", "upsampler"):
-    from unclip_jax.models import unet as unet_lib
-
-    unet = unet_lib.abstract_params(unet_lib.from_config(model_cfg, dtype="float32", remat="none"))
-    if stage == "upsampler":
-      return unet
-    if model_cfg.get("text_encoder", "text_proj") == "glide":
-      return {"unet": unet, "text_encoder": _glide_text_abstract(model_cfg)}
-    from unclip_jax.models import text_proj as text_proj_lib
-
-    return {"unet": unet,
-            "text_proj": text_proj_lib.abstract_params(text_proj_lib.from_config(model_cfg, dtype="float32"))}
-  raise ValueError(f"config stage {stage!r} has no bundle component (stages: {sorted(set(COMPONENT_STAGES.values()))})")
+  stage = cfg.get("stage") if hasattr(cfg, "get") else None
+  if stage not in set(COMPONENT_STAGES.values()):
+    raise ValueError(f"config stage {stage!r} has no bundle component (stages: {sorted(set(COMPONENT_STAGES.values()))})")
+  return stages.get(stage).abstract_params(cfg)
 
 
 def _flat_leaves(tree) -> dict[str, Any]:
@@ -186,7 +139,7 @@ def save_component(root: PathLike, name: str, cfg, params: Params, dtype: str | 
   tmp.mkdir()
   try:
     with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-      json.dump(config_to_dict(cfg), f, indent=2, sort_keys=True)
+      json.dump(config_lib.to_dict(cfg), f, indent=2, sort_keys=True)
     tensors = {k: np.array(np.asarray(v, np.float32).astype(np_dtype), order="C")     # keeps 0-d leaves 0-d
                for k, v in flatten_params(params).items()}
     save_file(tensors, str(tmp / PARAMS_NAME),
@@ -206,12 +159,13 @@ def save_component(root: PathLike, name: str, cfg, params: Params, dtype: str | 
     raise
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
-  manifest = _read_manifest_or_none(root)
+  manifest = read_manifest_or_none(root)
   write_manifest(root, source=(manifest or {}).get("source", ""))
   return final
 
 
-def _read_json(path: pathlib.Path, what: str):
+def read_json(path: pathlib.Path, what: str):
+  """A JSON file; FileNotFoundError / ValueError naming `what` and the path when missing or corrupt."""
   if not path.is_file():
     raise FileNotFoundError(f"{what} not found: {path}")
   try:
@@ -233,13 +187,16 @@ def load_component(root: PathLike, name: str) -> tuple[mlc.ConfigDict, Params]:
   folder = pathlib.Path(root) / name
   if not folder.is_dir():
     raise FileNotFoundError(f"bundle component folder not found: {folder}")
-  d = _read_json(folder / CONFIG_NAME, "component config")
+  d = read_json(folder / CONFIG_NAME, "component config")
   if not isinstance(d, dict):
     raise ValueError(f"corrupt component config {folder / CONFIG_NAME}: not a JSON object")
-  cfg = config_from_dict(d)
-  if cfg.get("stage") != stage:
-    raise ValueError(f"{folder / CONFIG_NAME}: component {name!r} needs stage {stage!r}, got {cfg.get('stage')!r}")
-  from unclip_jax.ckpt import torch_layout
+  if d.get("stage") != stage:
+    raise ValueError(f"{folder / CONFIG_NAME}: component {name!r} needs stage {stage!r}, got {d.get('stage')!r}")
+  try:
+    cfg = config_lib.complete(d)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"{folder / CONFIG_NAME}: {e}") from e
+  from unclip_jax.convert import torch_layout
 
   path = folder / PARAMS_NAME
   if not path.is_file():
@@ -282,7 +239,7 @@ def read_manifest(root: PathLike) -> dict[str, Any]:
   if not root.is_dir():
     raise FileNotFoundError(f"bundle folder not found: {root}")
   path = root / MANIFEST_NAME
-  m = _read_json(path, "bundle manifest")
+  m = read_json(path, "bundle manifest")
   if not isinstance(m, dict) or m.get("format") != FORMAT:
     fmt = m.get("format") if isinstance(m, dict) else None
     raise ValueError(f"{path} is not an unclip_jax bundle manifest (format {fmt!r}, expected {FORMAT!r})")
@@ -295,7 +252,8 @@ def read_manifest(root: PathLike) -> dict[str, Any]:
   return m
 
 
-def _read_manifest_or_none(root: pathlib.Path):
+def read_manifest_or_none(root: pathlib.Path):
+  """The manifest, or None when it is missing or unreadable."""
   try:
     return read_manifest(root)
   except (FileNotFoundError, ValueError):
@@ -317,12 +275,12 @@ def export_from_training(workdir: PathLike, bundle_root: PathLike, component: st
   if not pathlib.Path(workdir).is_dir():
     raise FileNotFoundError(f"no training checkpoints at {pathlib.Path(workdir) / 'checkpoints'}")
   params, config, meta = manager.restore_params(workdir, step=step, which=which)
-  cfg = config_from_dict(config)
+  cfg = config_lib.complete(config)
   if cfg.get("stage") != stage:
     raise ValueError(f"{workdir}: the run trained stage {cfg.get('stage')!r}; component {component!r} needs a "
                      f"{stage!r} run")
   save_component(bundle_root, component, cfg, params, dtype=dtype)
-  manifest = _read_manifest_or_none(pathlib.Path(bundle_root)) or {}
+  manifest = read_manifest_or_none(pathlib.Path(bundle_root)) or {}
   # One "component: origin" entry per component; re-exporting a component replaces its entry.
   entries = [e for e in manifest.get("source", "").split("; ") if e and not e.startswith(f"{component}: ")]
   entries.append(f"{component}: training:{os.fspath(workdir)}@{meta['step']}")

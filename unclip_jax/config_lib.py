@@ -1,20 +1,30 @@
-"""Shared config pieces for `configs/<stage>.py` and the loader used by every entry point.
+"""Shared config pieces for `configs/<stage>.py`, the loader every entry point uses, and the config schema.
 
 Each stage file defines `get_config(arg)` where `arg` names a size variant ("tiny" for tests, "karlo" for the
 published sizes, ...). Configs are ml_collections ConfigDicts; they are locked after loading so a misspelt
 override is an error, never a silently ignored key.
+
+The configs are the schema: every field the code reads is declared in `configs/<stage>.py`. A config saved by an
+older version (in a bundle or a training checkpoint) is read through `complete`, which fills the fields added since
+from the stage's defaults and applies the listed renames; an unknown field is an error.
+
+The `configs/` folder ships with the package as `unclip_jax.configs`, so `load_config("decoder:tiny")` (or
+"decoder.py:tiny") works from any installation; a path to a file works too.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
+import json
 import pathlib
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections as mlc
 
 STAGES = ("clip", "prior", "ar_prior", "decoder", "upsampler")
+CONFIG_PACKAGE = "unclip_jax.configs"
 
-# Logical axis name -> mesh axes. Conv UNets and transformers share one rule set (STYLE.md §4.4).
+# Logical axis name -> mesh axes. Conv UNets and transformers share one rule set.
 AXIS_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
@@ -70,6 +80,12 @@ def sampling_config(*, steps: str = "25", sampler: str = "ddpm", eta: float = 0.
   ))
 
 
+def inpainting_config() -> dict[str, Any]:
+  """The decoder's inpainting knobs (its `sampling` block; see stages/decoder.py)."""
+  return dict(inpaint_method="auto",   # "auto" | "glide" (inpaint channels + x̂0 paste) | "repaint"
+              resample_jumps=1)        # RePaint's r: renoise/denoise repetitions per step
+
+
 def base_config(stage: str) -> mlc.ConfigDict:
   """Fields every stage has: stage name, seed, batch, optimisation, mesh and axis rules."""
   if stage not in STAGES:
@@ -99,22 +115,51 @@ def base_config(stage: str) -> mlc.ConfigDict:
   c.sharding_tolerance = 0.02      # max fraction of parameter bytes left in large replicated tensors
   c.dtype = "bfloat16"        # compute dtype; parameters stay float32
   c.param_dtype = "float32"
-  c.remat_policy = "none"     # "none", "full", "dots_saveable", ...
+  c.remat_policy = "none"     # "none", "full", "dots_saveable", ... (models.layers.REMAT_POLICIES), every block
   return c
 
 
+def config_dir() -> pathlib.Path:
+  """The folder of the built-in `configs/<stage>.py` files: the installed `unclip_jax.configs` package, or the
+  `configs/` folder beside the package in a checkout."""
+  spec = importlib.util.find_spec(CONFIG_PACKAGE) if importlib.util.find_spec("unclip_jax") else None
+  if spec is not None and spec.submodule_search_locations:
+    return pathlib.Path(list(spec.submodule_search_locations)[0])
+  here = pathlib.Path(__file__).resolve().parent.parent / "configs"
+  if here.is_dir():
+    return here
+  raise FileNotFoundError(f"the built-in configs ({CONFIG_PACKAGE}) are not installed")
+
+
+def builtin_names() -> list[str]:
+  return sorted(p.stem for p in config_dir().glob("*.py") if not p.name.startswith("_"))
+
+
+def resolve_spec(spec: str) -> str:
+  """`path/to/x.py[:variant]`, or a built-in `stage[.py][:variant]` -> `absolute/path.py[:variant]`.
+
+  Raises FileNotFoundError naming the built-in configs when neither a file nor a built-in name matches."""
+  path, sep, arg = spec.partition(":")
+  if pathlib.Path(path).is_file():
+    return spec
+  name = path[:-3] if path.endswith(".py") else path
+  if "/" not in path and name and (config_dir() / f"{name}.py").is_file():
+    return str(config_dir() / f"{name}.py") + (sep + arg if sep else "")
+  raise FileNotFoundError(f"config file not found: {path} (built-in configs: {', '.join(builtin_names())}, "
+                          "e.g. decoder:karlo)")
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
-  """Loads `path/to/stage.py[:variant]`, applies `key.sub=value` overrides and locks the result.
+  """Loads `path/to/stage.py[:variant]` or a built-in `stage[:variant]`, applies `key.sub=value` overrides and
+  locks the result.
 
   Raises:
     FileNotFoundError: the config file does not exist.
     ValueError: the file has no `get_config`, the variant is unknown, or an override is malformed.
     KeyError: an override names a key the config does not have.
   """
-  path, _, arg = spec.partition(":")
+  path, _, arg = resolve_spec(spec).partition(":")
   file = pathlib.Path(path)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file not found: {path}")
   module_spec = importlib.util.spec_from_file_location(f"unclip_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -127,10 +172,68 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
   return cfg
 
 
+def default_config(stage: str) -> mlc.ConfigDict:
+  """The built-in config of `stage` at its default variant (unlocked)."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
+  return mlc.ConfigDict(load_config(stage).to_dict())
+
+
+# ---- saved configs ------------------------------------------------------------------------------------------------
+def _tuples(x):
+  """JSON lists -> tuples, recursively (configs/*.py use tuples for every sequence)."""
+  if isinstance(x, dict):
+    return {k: _tuples(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return tuple(_tuples(v) for v in x)
+  return x
+
+
+def to_dict(cfg) -> dict[str, Any]:
+  """ConfigDict (or dict) -> plain JSON-able dict (tuples become lists)."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return json.loads(json.dumps(d))
+
+
+def from_dict(d: Mapping[str, Any]) -> mlc.ConfigDict:
+  """JSON dict -> ConfigDict with tuples for sequences, like `configs/<stage>.py` builds it (not completed)."""
+  return mlc.ConfigDict(_tuples(dict(d)))
+
+
+def _migrate(d: dict[str, Any]) -> dict[str, Any]:
+  """Renames of fields in configs saved by older versions (applied before completion)."""
+  model = d.get("model")
+  if isinstance(model, dict) and "remat" in model:        # model.remat (bool) -> remat_policy (one name per stage)
+    if model.pop("remat") and d.get("remat_policy", "none") == "none":
+      d["remat_policy"] = "full"
+  return d
+
+
+def _merge(defaults: Any, saved: Any, where: str) -> Any:
+  if isinstance(defaults, Mapping) and isinstance(saved, Mapping):
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+      raise KeyError(f"unknown config field {where + '.' if where else ''}{unknown[0]}")
+    return {k: _merge(defaults[k], saved[k], f"{where}.{k}" if where else k) if k in saved else defaults[k]
+            for k in defaults}
+  return saved
+
+
+def complete(saved: Mapping[str, Any]) -> mlc.ConfigDict:
+  """A saved stage config (JSON dict) -> a full ConfigDict of the current schema.
+
+  Fields added since it was saved take the stage's defaults; renamed fields are migrated; an unknown field is a
+  KeyError naming it (a config from a newer version, or a damaged one)."""
+  d = _migrate(json.loads(json.dumps(dict(saved))))
+  stage = d.get("stage")
+  if stage not in STAGES:
+    raise ValueError(f"saved config has stage {stage!r}; expected one of {STAGES}")
+  defaults = to_dict(default_config(stage))
+  return from_dict(_merge(defaults, d, ""))
+
+
 def apply_override(cfg: mlc.ConfigDict, item: str) -> None:
   """Applies one `a.b.c=value` override; the value is parsed as a Python literal when it is one."""
-  import ast
-
   key, sep, raw = item.partition("=")
   if not sep or not key:
     raise ValueError(f"config override must look like key=value, got {item!r}")

@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
   n.add_argument("--mask", required=True, help="mask image of the same size: white = keep, black = fill")
   n.add_argument("--prompt", required=True)
   n.add_argument("--n", type=int, default=1)
+  n.add_argument("--inpaint-method", dest="decoder.inpaint_method", choices=("auto", "glide", "repaint"),
+                 default=None, help="auto: GLIDE's inpaint channels when the decoder has them, else RePaint")
+  n.add_argument("--resample-jumps", dest="decoder.resample_jumps", type=int, default=None,
+                 help="RePaint's renoise/denoise repetitions per step (r >= 1)")
   return p
 
 
@@ -127,7 +131,7 @@ def write_outputs(out: pathlib.Path, images: np.ndarray, metas: list[dict], grid
   """0000.png + 0000.json per image (in order) and grid.png."""
   from PIL import Image
 
-  from unclip_jax.train.loop import image_grid
+  from unclip_jax.inference.images import image_grid
 
   out.mkdir(parents=True, exist_ok=True)
   paths = []

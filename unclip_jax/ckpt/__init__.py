@@ -1,1 +1,1 @@
-"""Checkpointing and PyTorch <-> Flax weight conversion."""
+"""Training checkpoints (orbax): save, verify and restore train states."""

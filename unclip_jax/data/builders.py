@@ -14,7 +14,7 @@ and listed (key + reason) in `build_report.json` beside the dataset, and printed
 data and never drops a record silently. `build_embeddings` writes numpy arrays (one row per example, in order) as Tensor
 features to `<out_dir>/embeddings/<name>/1.0.0/`.
 
-Only standard-library and PIL decoding is used; nothing here needs TensorFlow (STYLE.md §3.5).
+Only standard-library and PIL decoding is used; nothing here needs TensorFlow.
 """
 from __future__ import annotations
 

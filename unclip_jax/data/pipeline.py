@@ -140,7 +140,7 @@ def make_dataset(data_dirs: str | os.PathLike | Sequence[str | os.PathLike], *, 
 def make_iterator(dataset: grain.MapDataset, *, read_threads: int = 4, prefetch_buffer_size: int = 64,
                   workers: int = 0) -> grain.DatasetIterator:
   """Checkpointable iterator (`get_state`/`set_state`; orbax via grain.checkpoint). workers > 0 adds
-  mp_prefetch (absl flags must be parsed first, STYLE.md §3.4)."""
+  mp_prefetch (absl flags must be parsed first)."""
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
   if workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

@@ -27,7 +27,8 @@ import numpy as np
 
 def load_clip(source: str | pathlib.Path) -> tuple[Any, Any]:
   """(CLIP module, params) from a training workdir, a bundle component folder or a transformers folder."""
-  from unclip_jax.models import clip as clip_lib
+  from unclip_jax import config_lib
+  from unclip_jax.stages import builders
 
   path = pathlib.Path(source)
   if not path.exists():
@@ -38,17 +39,17 @@ def load_clip(source: str | pathlib.Path) -> tuple[Any, Any]:
     params, config, _ = manager.restore_params(path)
     if config.get("stage") != "clip":
       raise ValueError(f"{path} is a {config.get('stage')!r} training run, not a CLIP one")
-    return clip_lib.from_config(config["model"]), params
+    return builders.clip(config_lib.complete(config).model), params
   if (path / "params.safetensors").is_file():
     from unclip_jax import bundle
 
     cfg, params = bundle.load_component(path.parent, path.name)
-    return clip_lib.from_config(cfg.model), params
+    return builders.clip(cfg.model), params
   if (path / "config.json").is_file():
-    from unclip_jax.ckpt import convert_clip
+    from unclip_jax.convert import clip as convert_clip
 
     cfg, params = convert_clip.load_hf_clip(str(path))
-    return clip_lib.from_config(cfg), params
+    return builders.clip(cfg), params
   raise FileNotFoundError(f"{path} is neither a training workdir (checkpoints/), a bundle component "
                           "(params.safetensors) nor a transformers CLIP folder (config.json)")
 

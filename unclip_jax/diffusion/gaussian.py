@@ -166,8 +166,8 @@ class GaussianDiffusion:
   def from_config(cls, cfg) -> "GaussianDiffusion":
     """From a `config_lib.diffusion_config()` block."""
     return cls(NoiseSchedule.from_config(cfg), prediction=cfg.prediction, variance=cfg.variance, loss=cfg.loss,
-               vlb_weight=cfg.vlb_weight, loss_weighting=cfg.get("loss_weighting", "uniform"),
-               min_snr_gamma=float(cfg.get("min_snr_gamma", 5.0)))
+               vlb_weight=cfg.vlb_weight, loss_weighting=cfg.loss_weighting,
+               min_snr_gamma=float(cfg.min_snr_gamma))
 
   @property
   def num_timesteps(self) -> int:

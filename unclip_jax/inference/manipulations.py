@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unclip_jax.inference.pipeline import StageNoise, TextEncoding, UnCLIP, from_uint8, to_uint8
+from unclip_jax.inference.images import from_uint8, to_uint8
+from unclip_jax.inference.pipeline import StageNoise, TextEncoding, UnCLIP
 
 
 def slerp(a: jax.Array, b: jax.Array, theta) -> jax.Array:
@@ -138,7 +139,7 @@ def inpaint(pipe: UnCLIP, image, mask, prompt: str, n: int = 1, *, seed: int = 0
   """Fills the unknown region (mask 0) of an image to match a prompt.
 
   The prior turns the prompt into image embeddings; the decoder holds the known pixels (mask 1) with RePaint
-  resampling, or through GLIDE's inpaint channels when the decoder has them (`decoder_lib.sample`); the upsampler
+  resampling, or through GLIDE's inpaint channels when the decoder has them (`stages.decoder.sample`); the upsampler
   refines. With `paste`, known pixels of the original are put back at the final size.
   Args:
     image: uint8 [H, W, 3]; mask: [H, W] (bool, or uint8/float with nonzero = known), same H, W as the image.

@@ -31,9 +31,11 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from unclip_jax import decoder_lib, prior_lib, upsampler_lib
 from unclip_jax.diffusion import samplers, schedules
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
+from unclip_jax.inference.images import to_uint8
+from unclip_jax.stages import builders, common
+from unclip_jax.stages import decoder as decoder_stage, prior as prior_stage, upsampler as upsampler_stage
 
 log = logging.getLogger(__name__)
 
@@ -56,44 +58,35 @@ def data_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(list(devices)), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def to_uint8(images) -> np.ndarray:
-  """[..., 3] floats in [-1, 1] -> uint8 (round half to even, clipped)."""
-  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def from_uint8(images) -> np.ndarray:
-  """uint8 [..., 3] -> float32 in [-1, 1]."""
-  return np.asarray(images, np.float32) / 127.5 - 1.0
-
-
 def with_sampling_overrides(cfg: mlc.ConfigDict, overrides: Mapping[str, Any] | None) -> mlc.ConfigDict:
   """A copy of a stage config with `sampling.<key>` (and the prior's `num_candidates`) replaced.
 
   Raises KeyError naming an unknown key (a misspelt setting is never ignored)."""
   cfg = mlc.ConfigDict(cfg.to_dict())
+  ints = ("resample_jumps",)
   for key, value in (overrides or {}).items():
     if value is None:
       continue
     if key == "num_candidates" and "num_candidates" in cfg:
       cfg.num_candidates = int(value)
     elif key in cfg.sampling:
-      cfg.sampling[key] = str(value) if key == "steps" else value
+      cfg.sampling[key] = str(value) if key == "steps" else int(value) if key in ints else value
     else:
-      raise KeyError(f"unknown {cfg.get('stage')} sampling setting {key!r}; known: {sorted(cfg.sampling)}")
+      raise KeyError(f"unknown {cfg.stage} sampling setting {key!r}; known: {sorted(cfg.sampling)}")
   return cfg
 
 
 def num_steps(cfg) -> int:
   """How many sampler steps a stage config's respacing spec visits."""
   table = schedules.step_table(GaussianDiffusion.from_config(cfg.diffusion).schedule, cfg.sampling.steps,
-                               cfg.sampling.get("single_step_beta", "ratio"))
+                               cfg.sampling.single_step_beta)
   return len(table.timesteps)
 
 
 @dataclasses.dataclass
 class StageNoise:
   """All the randomness of one batch. x_T None = drawn from the stage's key; rng = that stage's step-noise key
-  (step i of a stage draws `samplers.step_noise(rng, i, shape)`; the prior splits its key as `prior_lib.sample`)."""
+  (step i of a stage draws `samplers.step_noise(rng, i, shape)`; the prior splits its key as `prior_stage.sample`)."""
   prior_rng: jax.Array
   decoder_rng: jax.Array
   super_res_rng: jax.Array
@@ -114,8 +107,8 @@ class TextEncoding:
   enc: jax.Array
   mask: jax.Array
 
-  def as_prior_cond(self) -> prior_lib.TextCond:
-    return prior_lib.TextCond(self.emb, self.enc, self.mask)
+  def as_prior_cond(self) -> common.TextCond:
+    return common.TextCond(self.emb, self.enc, self.mask)
 
   def take(self, index) -> "TextEncoding":
     return TextEncoding(self.emb[index], self.enc[index], self.mask[index])
@@ -148,8 +141,6 @@ class UnCLIP:
                sampling: Mapping[str, Mapping[str, Any]] | None = None, dtype: str = "float32",
                progress: bool = False, devices: Sequence[jax.Device] | None = None):
     from unclip_jax.data import tokenizer as tokenizer_lib
-    from unclip_jax.models import clip as clip_lib, prior as prior_model, text_proj as text_proj_lib
-    from unclip_jax.models import unet as unet_lib
 
     missing = [c for c in REQUIRED_COMPONENTS if c not in components]
     if missing:
@@ -164,25 +155,25 @@ class UnCLIP:
     components = {name: (cfg, self._replicated(params)) for name, (cfg, params) in components.items()}
 
     clip_cfg, self.clip_params = components["clip"]
-    self.clip = clip_lib.from_config(clip_cfg.model, dtype=self.dtype, remat=False)
+    self.clip = builders.clip(clip_cfg.model, dtype=self.dtype)
     if self.clip.config.text is None:
       raise ValueError("the bundle's clip component has no text tower")
     self.tokenizer = tokenizer_lib.CLIPTokenizer(context_length=self.clip.config.text.context_length)
 
     self.prior_cfg = with_sampling_overrides(components["prior"][0], sampling.get("prior"))
     self.prior_params = components["prior"][1]
-    self.prior = prior_model.from_config(self.prior_cfg.model, dtype=self.dtype, remat=False)
+    self.prior = prior_stage.build(self.prior_cfg, dtype=self.dtype).prior
     if self.prior.num_embeddings != self.clip.config.text.context_length:
       raise ValueError(f"prior expects {self.prior.num_embeddings} text tokens but CLIP's context length is "
                        f"{self.clip.config.text.context_length}")
 
     self.decoder_cfg = with_sampling_overrides(components["decoder"][0], sampling.get("decoder"))
-    if self.decoder_cfg.model.get("text_encoder", "text_proj") != "text_proj":
+    if self.decoder_cfg.model.text_encoder != "text_proj":
       raise ValueError("the unCLIP pipeline conditions the decoder through text_proj (CLIP embeddings); this "
                        f"decoder uses the {self.decoder_cfg.model.text_encoder!r} text pathway")
     self.decoder_params = components["decoder"][1]
-    self.unet = unet_lib.from_config(self.decoder_cfg.model, dtype=self.dtype, remat="none")
-    self.text_proj = text_proj_lib.from_config(self.decoder_cfg.model, dtype=self.dtype)
+    decoder = decoder_stage.build(self.decoder_cfg, dtype=self.dtype)
+    self.unet, self.text_proj = decoder.unet, decoder.text_proj
 
     self.sr_cfg = None
     if "super_res_first" in components:
@@ -191,7 +182,7 @@ class UnCLIP:
       self.sr_last = components["super_res_last"][1] if "super_res_last" in components else None
       if self.sr_last is None:
         self.sr_cfg.last_step_model = False
-      self.sr_unet = unet_lib.from_config(self.sr_cfg.model, dtype=self.dtype, remat="none")
+      self.sr_unet = upsampler_stage.build(self.sr_cfg, dtype=self.dtype).unet
     elif sampling.get("super_res"):
       raise ValueError("super_res sampling settings given but the bundle has no super_res_first component")
     self._build()
@@ -242,47 +233,47 @@ class UnCLIP:
 
     pc = self.prior_cfg
     prior_diffusion = GaussianDiffusion.from_config(pc.diffusion)
-    prior_settings = prior_lib.settings_from_config(pc)
+    prior_settings = common.sampler_settings(pc)
     prior_bar = self._bar(pc, "prior")
 
     def prior_fn(params, cond, rng, null, x_T):
-      return prior_lib.sample(params, cond, rng, model=self.prior, diffusion=prior_diffusion, steps=pc.sampling.steps,
+      return prior_stage.sample(params, cond, rng, model=self.prior, diffusion=prior_diffusion, steps=pc.sampling.steps,
                               settings=prior_settings, num_candidates=int(pc.num_candidates), null_cond=null,
                               x_T=x_T, progress=prior_bar)
     self._prior = jax.jit(prior_fn)
 
     dc = self.decoder_cfg
     dec_diffusion = GaussianDiffusion.from_config(dc.diffusion)
-    dec_settings = decoder_lib.settings_from_config(dc)
+    dec_settings = common.sampler_settings(dc)
     dec_bar = self._bar(dc, "decoder")
     self._dec_diffusion, self._dec_steps = dec_diffusion, dc.sampling.steps
 
     def decoder_fn(params, cond, x_T, rng, null, inpaint_image, inpaint_mask):
-      return decoder_lib.sample(params, cond, x_T, rng, unet=self.unet, text_proj=self.text_proj,
+      return decoder_stage.sample(params, cond, x_T, rng, unet=self.unet, text_proj=self.text_proj,
                                 diffusion=dec_diffusion, steps=dc.sampling.steps, settings=dec_settings,
                                 null_text=null, inpaint_image=inpaint_image, inpaint_mask=inpaint_mask,
-                                inpaint_method=dc.sampling.get("inpaint_method", "auto"),
-                                resample_jumps=int(dc.sampling.get("resample_jumps", 1)), progress=dec_bar)
+                                inpaint_method=dc.sampling.inpaint_method,
+                                resample_jumps=int(dc.sampling.resample_jumps), progress=dec_bar)
     self._decoder = jax.jit(decoder_fn)
 
     def invert_fn(params, cond, x0):
-      kwargs = decoder_lib.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
+      kwargs = decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
                                         text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask,
                                         guidance=False)
-      model_fn = decoder_lib.model_fn_for(self.unet, params["unet"], kwargs)
+      model_fn = decoder_stage.model_fn_for(self.unet, params["unet"], kwargs)
       return samplers.ddim_invert(model_fn, x0, diffusion=dec_diffusion, steps=dc.sampling.steps)
     self._invert = jax.jit(invert_fn)
 
     if self.sr_cfg is not None:
       sc = self.sr_cfg
       sr_diffusion = GaussianDiffusion.from_config(sc.diffusion)
-      sr_settings = upsampler_lib.settings_from_config(sc)
+      sr_settings = common.sampler_settings(sc)
       sr_bar = self._bar(sc, "super-res")
 
       def sr_fn(first, last, low_res, x_T, rng):
-        return upsampler_lib.sample(first, last, low_res, x_T, rng, unet=self.sr_unet, diffusion=sr_diffusion,
+        return upsampler_stage.sample(first, last, low_res, x_T, rng, unet=self.sr_unet, diffusion=sr_diffusion,
                                     steps=sc.sampling.steps, settings=sr_settings,
-                                    resize_method=sc.model.get("resize_method", "bicubic"), progress=sr_bar)
+                                    resize_method=sc.model.resize_method, progress=sr_bar)
       self._super_res = jax.jit(sr_fn)
 
   def with_sampling(self, **stages: Mapping[str, Any]) -> "UnCLIP":
@@ -322,8 +313,8 @@ class UnCLIP:
   def settings(self) -> dict[str, Any]:
     """The sampler settings every stage runs with (for the per-image JSON)."""
     out = {"prior": dict(self.prior_cfg.sampling.to_dict(), num_candidates=int(self.prior_cfg.num_candidates),
-                         null_text=self.prior_cfg.get("null_text", "zeros")),
-           "decoder": dict(self.decoder_cfg.sampling.to_dict(), null_text=self.decoder_cfg.get("null_text", "zeros"))}
+                         null_text=self.prior_cfg.null_text),
+           "decoder": dict(self.decoder_cfg.sampling.to_dict(), null_text=self.decoder_cfg.null_text)}
     if self.sr_cfg is not None:
       out["super_res"] = dict(self.sr_cfg.sampling.to_dict(), last_step_model=bool(self.sr_cfg.last_step_model))
     return out
@@ -349,7 +340,7 @@ class UnCLIP:
         images, size=size, crop_size=size))))
 
   def _null(self, cfg, batch: int) -> TextEncoding | None:
-    if cfg.get("null_text", "zeros") != "empty_prompt":
+    if cfg.null_text != "empty_prompt":
       return None
     e = self.encode_text([""])
     return TextEncoding(*(jnp.repeat(x, batch, axis=0) for x in (e.emb, e.enc, e.mask)))
@@ -360,8 +351,8 @@ class UnCLIP:
     return self._prior(self.prior_params, *self._rows((text.as_prior_cond(), rng,
                                                        None if null is None else null.as_prior_cond(), x_T)))
 
-  def decoder_cond(self, image_emb: jax.Array, text: TextEncoding) -> decoder_lib.DecoderCond:
-    return decoder_lib.DecoderCond(image_emb, text.emb, text.enc, text.mask)
+  def decoder_cond(self, image_emb: jax.Array, text: TextEncoding) -> decoder_stage.DecoderCond:
+    return decoder_stage.DecoderCond(image_emb, text.emb, text.enc, text.mask)
 
   def decode(self, image_emb: jax.Array, text: TextEncoding, rng: jax.Array, x_T: jax.Array | None = None, *,
              inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None) -> jax.Array:
@@ -427,12 +418,12 @@ class UnCLIP:
     images = np.concatenate(outputs)
     scores: list[float | None] = [None] * (len(rows) // candidates)
     if candidates > 1:
-      from unclip_jax.models import clip_zeroshot
+      from unclip_jax.stages import clip as clip_stage
 
       img_emb = np.asarray(self.encode_image(list(to_uint8(images))))
       groups = img_emb.reshape(len(rows) // candidates, candidates, -1)
       text_emb = np.asarray(text_all.emb)[np.asarray(rows[::candidates])]
-      order, best = clip_zeroshot.rerank(jnp.asarray(text_emb), jnp.asarray(groups))
+      order, best = clip_stage.rerank(jnp.asarray(text_emb), jnp.asarray(groups))
       keep = np.asarray(order)[:, 0]
       images = images.reshape(len(keep), candidates, *images.shape[1:])[np.arange(len(keep)), keep]
       scores = [float(s) for s in np.asarray(best)[:, 0]]

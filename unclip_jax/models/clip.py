@@ -1,4 +1,4 @@
-"""CLIP: causal text transformer + ViT image encoder with linear projections (ARCHITECTURE.md §5.8).
+"""CLIP: causal text transformer + ViT image encoder with linear projections (Radford et al. 2021).
 
 Reproduces transformers `CLIPModel`, `CLIPTextModelWithProjection`, `CLIPVisionModelWithProjection` and the bare
 `CLIPTextModel` / `CLIPVisionModel`:
@@ -13,15 +13,14 @@ Reproduces transformers `CLIPModel`, `CLIPTextModelWithProjection`, `CLIPVisionM
           image_embeds = visual_projection(post_layernorm(lhs[:, 0]))                    # [B, E], unnormalized
   logit_scale: scalar parameter, logits = exp(logit_scale)·norm(text)·norm(image)ᵀ
 
-Submodules are named after the HF keys (§8.5): `text_model.encoder.layers.3.self_attn.q_proj.weight` ↔
-`text_model/encoder/layers_3/self_attn/q_proj/kernel`, so `ckpt/convert_clip.py` is a pure function of the key.
+Submodules are named after the HF keys (docs/layouts.md): `text_model.encoder.layers.3.self_attn.q_proj.weight` ↔
+`text_model/encoder/layers_3/self_attn/q_proj/kernel`, so `convert/clip.py` is a pure function of the key.
 Bare towers (no projection) are the same module with `projection_dim=None`: `encode_*` then return the pooled
 output in place of the projected embedding.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,7 +31,6 @@ from unclip_jax.models import layers
 
 Dtype = Any
 
-MASK_VALUE = -1e9          # additive bias of masked keys; exp underflows to exactly 0 in fp32, as HF's finfo.min
 LEGACY_EOS_TOKEN_ID = 2    # HF keeps argmax(ids) pooling for configs saved with this (wrong) eos id
 
 
@@ -82,23 +80,9 @@ class CLIPConfig:
   logit_scale_init: float = 2.6592
 
 
-def _dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, name: str, use_bias: bool = True,
-           init_std: float = 0.02) -> nn.Dense:
-  """Dense with logical axes on kernel [in, out] (and bias [out])."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
-
-
-def _layer_norm(eps: float, dtype: Dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
-
-
 def causal_bias(length: int) -> jax.Array:
-  """[1, 1, T, T] additive bias: 0 on and below the diagonal, MASK_VALUE above."""
-  return jnp.where(jnp.triu(jnp.ones((length, length), bool), k=1), MASK_VALUE, 0.0)[None, None]
+  """[1, 1, T, T] additive bias: 0 on and below the diagonal, CLIP_MASK_VALUE above."""
+  return jnp.where(jnp.triu(jnp.ones((length, length), bool), k=1), layers.CLIP_MASK_VALUE, 0.0)[None, None]
 
 
 def pool_eos(last_hidden_state: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
@@ -131,11 +115,11 @@ class CLIPAttention(nn.Module):
     if d % self.heads:
       raise ValueError(f"width {d} is not divisible by heads={self.heads}")
     split = lambda y: y.reshape(b, t, self.heads, d // self.heads)                     # [B, T, H, Dh]
-    q = split(_dense(d, ("embed", "heads"), self.dtype, "q_proj")(x))
-    k = split(_dense(d, ("embed", "heads"), self.dtype, "k_proj")(x))
-    v = split(_dense(d, ("embed", "heads"), self.dtype, "v_proj")(x))
+    q = split(layers.dense(d, ("embed", "heads"), self.dtype, "q_proj")(x))
+    k = split(layers.dense(d, ("embed", "heads"), self.dtype, "k_proj")(x))
+    v = split(layers.dense(d, ("embed", "heads"), self.dtype, "v_proj")(x))
     out = layers.dot_product_attention(q, k, v, bias)                                   # [B, T, H, Dh]
-    return _dense(d, ("heads", "embed"), self.dtype, "out_proj")(out.reshape(b, t, d))
+    return layers.dense(d, ("heads", "embed"), self.dtype, "out_proj")(out.reshape(b, t, d))
 
 
 class CLIPMLP(nn.Module):
@@ -146,8 +130,8 @@ class CLIPMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = layers.activation(self.act)(_dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x))
-    return _dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(h)
+    h = layers.activation(self.act)(layers.dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x))
+    return layers.dense(x.shape[-1], ("mlp", "embed"), self.dtype, "fc2")(h)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -160,9 +144,9 @@ class CLIPEncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
-    x = x + CLIPAttention(self.heads, self.dtype, name="self_attn")(_layer_norm(self.eps, self.dtype, "layer_norm1")(x),
-                                                                     bias)
-    x = x + CLIPMLP(self.mlp_dim, self.act, self.dtype, name="mlp")(_layer_norm(self.eps, self.dtype, "layer_norm2")(x))
+    norm = lambda name: layers.layer_norm(self.dtype, name, eps=self.eps)
+    x = x + CLIPAttention(self.heads, self.dtype, name="self_attn")(norm("layer_norm1")(x), bias)
+    x = x + CLIPMLP(self.mlp_dim, self.act, self.dtype, name="mlp")(norm("layer_norm2")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -174,10 +158,10 @@ class CLIPEncoder(nn.Module):
   act: str = "quick_gelu"
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"
 
   def setup(self):
-    block = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
+    block = layers.maybe_remat(CLIPEncoderLayer, self.remat)
     self.layers = [block(self.heads, self.mlp_dim, self.act, self.eps, self.dtype) for _ in range(self.num_layers)]
 
   def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -209,7 +193,7 @@ class CLIPTextTransformer(nn.Module):
   """
   cfg: TextConfig
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
@@ -225,10 +209,11 @@ class CLIPTextTransformer(nn.Module):
     if attention_mask is not None:                                                       # padding mask on keys
       if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be {input_ids.shape}, got {attention_mask.shape}")
-      bias = bias + layers.attention_bias_from_mask(attention_mask, masked_value=MASK_VALUE)[:, None, None, :]
+      mask_bias = layers.attention_bias_from_mask(attention_mask, masked_value=layers.CLIP_MASK_VALUE)
+      bias = bias + mask_bias[:, None, None, :]
     h = CLIPEncoder(c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, self.dtype, self.remat,
                     name="encoder")(h, bias)
-    lhs = _layer_norm(c.layer_norm_eps, self.dtype, "final_layer_norm")(h)
+    lhs = layers.layer_norm(self.dtype, "final_layer_norm", eps=c.layer_norm_eps)(h)
     return pool_eos(lhs, input_ids, c.eos_token_id), lhs
 
 
@@ -262,7 +247,7 @@ class CLIPVisionTransformer(nn.Module):
   """
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, pixels: jax.Array):
@@ -271,11 +256,11 @@ class CLIPVisionTransformer(nn.Module):
     if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
       raise ValueError(f"pixels must be NHWC [B, {want[0]}, {want[1]}, {want[2]}], got shape {pixels.shape}")
     h = CLIPVisionEmbeddings(c, self.dtype, name="embeddings")(pixels.astype(self.dtype))
-    h = _layer_norm(c.layer_norm_eps, self.dtype, "pre_layrnorm")(h)                     # (sic) HF name
+    h = layers.layer_norm(self.dtype, "pre_layrnorm", eps=c.layer_norm_eps)(h)                     # (sic) HF name
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     lhs = CLIPEncoder(c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, self.dtype, self.remat,
                       name="encoder")(h, None)
-    pooled = _layer_norm(c.layer_norm_eps, self.dtype, "post_layernorm")(lhs[:, 0])
+    pooled = layers.layer_norm(self.dtype, "post_layernorm", eps=c.layer_norm_eps)(lhs[:, 0])
     return pooled, lhs
 
 
@@ -285,11 +270,11 @@ class CLIP(nn.Module):
   Attributes:
     config: CLIPConfig (which towers/projections exist, sizes).
     dtype: compute dtype; parameters are float32; outputs are float32.
-    remat: rematerialise each encoder layer in the backward pass.
+    remat: remat policy of each encoder layer (`layers.REMAT_POLICIES`; "none" off).
   """
   config: CLIPConfig = CLIPConfig()
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"
 
   def setup(self):
     c = self.config
@@ -300,11 +285,11 @@ class CLIP(nn.Module):
     if c.text is not None:
       self.text_model = CLIPTextTransformer(c.text, self.dtype, self.remat)
       if c.projection_dim is not None:
-        self.text_projection = _dense(c.projection_dim, ("embed", None), self.dtype, None, use_bias=False)
+        self.text_projection = layers.dense(c.projection_dim, ("embed", None), self.dtype, use_bias=False)
     if c.vision is not None:
       self.vision_model = CLIPVisionTransformer(c.vision, self.dtype, self.remat)
       if c.projection_dim is not None:
-        self.visual_projection = _dense(c.projection_dim, ("embed", None), self.dtype, None, use_bias=False)
+        self.visual_projection = layers.dense(c.projection_dim, ("embed", None), self.dtype, use_bias=False)
     if c.logit_scale:
       self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
           nn.initializers.constant(c.logit_scale_init), ()), (), jnp.float32)
@@ -356,52 +341,3 @@ class CLIP(nn.Module):
     return out
 
 
-# ---- construction helpers ---------------------------------------------------------------------------------------
-def config_from_model_block(model_cfg) -> CLIPConfig:
-  """`configs/clip.py` `model` block (ConfigDict or dict) -> CLIPConfig."""
-  get = lambda node, k, d=None: node.get(k, d) if hasattr(node, "get") else getattr(node, k, d)
-  text, vision = get(model_cfg, "text"), get(model_cfg, "vision")
-  text_cfg = None if text is None else TextConfig(
-      vocab_size=text["vocab_size"], width=text["width"], layers=text["layers"], heads=text["heads"],
-      mlp_dim=text["mlp_dim"], context_length=text["context_length"], act=get(text, "act", "quick_gelu"),
-      eos_token_id=get(text, "eos_token_id", 2), layer_norm_eps=get(text, "layer_norm_eps", 1e-5))
-  vision_cfg = None if vision is None else VisionConfig(
-      image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["width"],
-      layers=vision["layers"], heads=vision["heads"], mlp_dim=vision["mlp_dim"], act=get(vision, "act", "quick_gelu"),
-      num_channels=get(vision, "num_channels", 3), layer_norm_eps=get(vision, "layer_norm_eps", 1e-5))
-  proj = get(model_cfg, "projection_dim")
-  both = text_cfg is not None and vision_cfg is not None and proj is not None
-  return CLIPConfig(text=text_cfg, vision=vision_cfg, projection_dim=proj,
-                    logit_scale=bool(get(model_cfg, "logit_scale", both)),
-                    logit_scale_init=float(get(model_cfg, "logit_scale_init", 2.6592)))
-
-
-def from_config(model_cfg, *, dtype: Dtype | None = None, remat: bool | None = None) -> CLIP:
-  """Builds the module from a `configs/clip.py` `model` block or a CLIPConfig.
-
-  dtype / remat default to the block's `dtype` / `remat` fields when present, else float32 / off.
-  """
-  get = lambda k, d: (model_cfg.get(k, d) if hasattr(model_cfg, "get") else getattr(model_cfg, k, d))
-  cfg = model_cfg if isinstance(model_cfg, CLIPConfig) else config_from_model_block(model_cfg)
-  dt = dtype if dtype is not None else get("dtype", None) or jnp.float32
-  rm = remat if remat is not None else bool(get("remat", False))
-  return CLIP(cfg, dtype=jnp.dtype(dt), remat=rm)
-
-
-def dummy_inputs(model: CLIP, batch: int = 1):
-  """(input_ids [B, T] | None, pixels [B, H, W, C] | None) of the right shapes."""
-  c = model.config
-  ids = None if c.text is None else jnp.zeros((batch, c.text.context_length), jnp.int32)
-  px = None if c.vision is None else jnp.zeros((batch, c.vision.image_size, c.vision.image_size,
-                                                 c.vision.num_channels), jnp.float32)
-  return ids, px
-
-
-def init_params(model: CLIP, rng: jax.Array, batch: int = 1):
-  """Unboxed float32 params (jitted init: op-by-op init of both towers is slow)."""
-  return nn.unbox(jax.jit(model.init)(rng, *dummy_inputs(model, batch)))["params"]
-
-
-def abstract_params(model: CLIP):
-  """Shapes/dtypes of the unboxed params (`jax.eval_shape(init)`), for converters and sharding."""
-  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))

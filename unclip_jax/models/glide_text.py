@@ -1,4 +1,4 @@
-"""GLIDE's text transformer (`Text2ImUNet.get_text_emb`, ARCHITECTURE.md §10.2): tokens -> decoder conditioning.
+"""GLIDE's text transformer (`Text2ImUNet.get_text_emb`, Nichol et al. 2021): tokens -> decoder conditioning.
 
   xf_in   = where(mask, token_embedding(tokens) + positional_embedding, padding_embedding)        # [B, ctx, W]
   xf_out  = final_ln(transformer(xf_in))        pre-LN blocks, bidirectional, NO attention mask   # [B, ctx, W]
@@ -14,9 +14,9 @@ The UNet (models/unet.py, `class_embed_type="identity"`, `cross_attention_dim = 
 the decoder's sampler and trainer switch pathway by `model.text_encoder` ("text_proj" or "glide").
 
 Without `xf_padding` GLIDE has no `padding_embedding` and ignores the mask; without `xf_final_ln` no `final_ln`.
-Parameter names are GLIDE's keys (§8.5: `transformer.resblocks.3.attn.c_qkv.weight` ↔
+Parameter names are GLIDE's keys (`transformer.resblocks.3.attn.c_qkv.weight` ↔
 `transformer/resblocks_3/attn/c_qkv/kernel`, kernel columns kept in GLIDE's interleaved order), so
-`ckpt/convert_glide_text.py` only transposes.
+`convert/glide.py` only transposes.
 
 Tokens: GLIDE uses GPT-2 BPE (`end_token = n_vocab - 1 = 50256`, no BOS/EOS), which unclip_jax does not ship. Any
 GPT-2 BPE tokenizer can feed `padded_tokens_and_mask`, e.g. transformers 5 `GPT2Tokenizer(vocab=<vocab.json>,
@@ -26,7 +26,6 @@ lowercases first. The unconditional (classifier-free guidance) input is the empt
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -38,22 +37,7 @@ from unclip_jax.models import layers
 
 Dtype = Any
 
-TEXT_ENCODERS = ("text_proj", "glide")     # `configs/decoder.py` model.text_encoder choices
 GLIDE_END_TOKEN = 50256                   # GPT-2 BPE <|endoftext|> = n_vocab - 1
-
-
-def _dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, name: str) -> nn.Dense:
-  """Biased Dense with logical axes on kernel [in, out] (and bias [out])."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
-
-
-def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-  """torch LayerNorm (eps 1e-5); statistics in float32 as GLIDE's fp32 LayerNorm."""
-  return layers.LayerNorm(dtype=dtype, param_dtype=jnp.float32, name=name,
-                          scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
 
 
 def split_qkv(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -83,10 +67,10 @@ class GlideAttention(nn.Module):
     b, t, w = x.shape
     if w % self.heads:
       raise ValueError(f"xf_width {w} is not divisible by xf_heads={self.heads}")
-    q, k, v = split_qkv(_dense(3 * w, ("embed", "heads"), self.dtype, "c_qkv")(x), self.heads)  # [B, T, H, d]
+    q, k, v = split_qkv(layers.dense(3 * w, ("embed", "heads"), self.dtype, "c_qkv")(x), self.heads)  # [B, T, H, d]
     s = (w // self.heads) ** -0.25                                 # d^-1/4 on q and on k (= d^-1/2 overall)
     out = jax.nn.dot_product_attention(q * s, k * s, v, scale=1.0)  # softmax in float32      [B, T, H, d]
-    return _dense(w, ("heads", "embed"), self.dtype, "c_proj")(out.reshape(b, t, w))
+    return layers.dense(w, ("heads", "embed"), self.dtype, "c_proj")(out.reshape(b, t, w))
 
 
 class GlideMLP(nn.Module):
@@ -96,8 +80,8 @@ class GlideMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     w = x.shape[-1]
-    h = layers.exact_gelu(_dense(4 * w, ("embed", "mlp"), self.dtype, "c_fc")(x))
-    return _dense(w, ("mlp", "embed"), self.dtype, "c_proj")(h)
+    h = layers.exact_gelu(layers.dense(4 * w, ("embed", "mlp"), self.dtype, "c_fc")(x))
+    return layers.dense(w, ("mlp", "embed"), self.dtype, "c_proj")(h)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -107,8 +91,8 @@ class ResidualAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + GlideAttention(self.heads, self.dtype, name="attn")(_layer_norm(self.dtype, "ln_1")(x))
-    x = x + GlideMLP(self.dtype, name="mlp")(_layer_norm(self.dtype, "ln_2")(x))
+    x = x + GlideAttention(self.heads, self.dtype, name="attn")(layers.layer_norm(self.dtype, "ln_1")(x))
+    x = x + GlideMLP(self.dtype, name="mlp")(layers.layer_norm(self.dtype, "ln_2")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -117,10 +101,10 @@ class GlideTransformer(nn.Module):
   layers: int
   heads: int
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"
 
   def setup(self):
-    block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
+    block = layers.maybe_remat(ResidualAttentionBlock, self.remat)
     self.resblocks = [block(self.heads, self.dtype) for _ in range(self.layers)]
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -141,7 +125,7 @@ class GlideTextEncoder(nn.Module):
     xf_padding: pads get the learned per-position `padding_embedding` (needs the mask); else the mask is unused.
     time_embed_dim: width of xf_proj, the UNet's time-embedding width (4·block_out_channels[0]).
     dtype: compute dtype; parameters are float32, outputs float32.
-    remat: rematerialise each block in the backward pass.
+    remat: remat policy of each block (`layers.REMAT_POLICIES`; "none" off).
   """
   n_vocab: int = 50257
   text_ctx: int = 128
@@ -152,7 +136,7 @@ class GlideTextEncoder(nn.Module):
   xf_padding: bool = True
   time_embed_dim: int = 768
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"
 
   @property
   def end_token(self) -> int:
@@ -175,8 +159,8 @@ class GlideTextEncoder(nn.Module):
           (ctx, w), jnp.float32)
     self.transformer = GlideTransformer(self.xf_layers, self.xf_heads, self.dtype, self.remat)
     if self.xf_final_ln:
-      self.final_ln = _layer_norm(self.dtype, None)
-    self.transformer_proj = _dense(self.time_embed_dim, (None, "embed"), self.dtype, None)
+      self.final_ln = layers.layer_norm(self.dtype, None)
+    self.transformer_proj = layers.dense(self.time_embed_dim, (None, "embed"), self.dtype, None)
 
   def embed(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Transformer input xf_in [B, ctx, W] (compute dtype): token + position, pads -> padding_embedding.
@@ -268,48 +252,6 @@ def drop_text(tokens: jax.Array, mask: jax.Array, drop: jax.Array,
   d = drop.astype(bool)[:, None]
   return jnp.where(d, jnp.asarray(end_token, tokens.dtype), tokens), jnp.where(d, False, mask.astype(bool))
 
-
-# ---- construction -----------------------------------------------------------------------------------------------
-def from_config(model_cfg, *, dtype: Dtype | None = None, remat: bool | None = None) -> GlideTextEncoder:
-  """From a `configs/decoder.py` model block (text_ctx, xf_width, xf_layers, xf_heads, xf_final_ln, xf_padding,
-  n_vocab; time_embed_dim or 4·block_out_channels[0]) or a text block from `config_from_state_dict`.
-
-  Raises a ValueError when the block's cross_attention_dim is not xf_width (the UNet attends to xf_out) or its
-  text_encoder is not one of TEXT_ENCODERS.
-  """
-  get = lambda k, d=None: model_cfg.get(k, d) if hasattr(model_cfg, "get") else getattr(model_cfg, k, d)
-  text_encoder = get("text_encoder", "glide")
-  if text_encoder not in TEXT_ENCODERS:
-    raise ValueError(f"unknown text_encoder {text_encoder!r}; choose one of {TEXT_ENCODERS}")
-  for key in ("xf_width", "xf_layers", "xf_heads"):
-    if not isinstance(get(key), int) or isinstance(get(key), bool) or get(key) <= 0:
-      raise ValueError(f"{key} must be a positive int for the GLIDE text encoder, got {get(key)!r}")
-  width = get("xf_width")
-  cross = get("cross_attention_dim")
-  if cross is not None and cross != width:
-    raise ValueError(f"cross_attention_dim={cross} must equal xf_width={width}: the UNet attends to xf_out")
-  temb = get("time_embed_dim") or 4 * tuple(get("block_out_channels"))[0]
-  return GlideTextEncoder(
-      n_vocab=int(get("n_vocab", 50257)), text_ctx=int(get("text_ctx", 128)), xf_width=int(width),
-      xf_layers=int(get("xf_layers")), xf_heads=int(get("xf_heads")), xf_final_ln=bool(get("xf_final_ln", True)),
-      xf_padding=bool(get("xf_padding", True)), time_embed_dim=int(temb),
-      dtype=jnp.dtype(dtype if dtype is not None else get("dtype", "float32")),
-      remat=bool(remat if remat is not None else get("remat", False)))
-
-
-def dummy_inputs(model: GlideTextEncoder, batch: int = 1) -> tuple[jax.Array, jax.Array]:
-  """(tokens [B, ctx] int32, mask [B, ctx] bool) of the right shapes."""
-  return jnp.zeros((batch, model.text_ctx), jnp.int32), jnp.ones((batch, model.text_ctx), bool)
-
-
-def init_params(model: GlideTextEncoder, rng: jax.Array, batch: int = 1):
-  """Unboxed float32 params (jitted init)."""
-  return nn.unbox(jax.jit(model.init)(rng, *dummy_inputs(model, batch)))["params"]
-
-
-def abstract_params(model: GlideTextEncoder):
-  """Shapes/dtypes of the unboxed params (`jax.eval_shape(init)`), no allocation."""
-  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
 
 
 def conditioning(model: GlideTextEncoder, params, tokens: jax.Array, mask: jax.Array | None) -> dict:

@@ -1,7 +1,10 @@
 """Primitives shared by every model: norms with torch defaults, activations, timestep embeddings, attention.
 
 Flax defaults differ from PyTorch (LayerNorm/GroupNorm eps 1e-6, tanh GELU); everything here uses the torch
-values so converted weights reproduce the reference outputs (ARCHITECTURE.md §15).
+values so converted weights reproduce the reference outputs (docs/layouts.md, "Numerics").
+
+`dense`, `conv`, `layer_norm` and `group_norm` build the Flax layers every model uses, with float32 parameters
+and logical axis names on every parameter (the mesh rules in `config_lib.AXIS_RULES` map them to mesh axes).
 """
 from __future__ import annotations
 
@@ -19,6 +22,69 @@ TORCH_NORM_EPS = 1e-5
 
 LayerNorm = functools.partial(nn.LayerNorm, epsilon=TORCH_NORM_EPS)
 GroupNorm = functools.partial(nn.GroupNorm, epsilon=TORCH_NORM_EPS)
+
+# Additive attention bias of a masked key. diffusers adds -10000 (the prior, text projection and UNet reproduce it
+# bit for bit, including rows where every key is masked); transformers' CLIP adds finfo.min, for which -1e9 gives the
+# same fp32 softmax (exp underflows to exactly 0).
+DIFFUSERS_MASK_VALUE = -10000.0
+CLIP_MASK_VALUE = -1e9
+
+
+def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, name: str | None = None, *,
+          use_bias: bool = True, kernel_init=None) -> nn.Dense:
+  """Dense with logical axes on its kernel [in, out] (and bias [out]); kernel init normal(0.02) unless given.
+
+  `name` is left out inside `setup` (the attribute name names the layer)."""
+  kernel_init = kernel_init or nn.initializers.normal(0.02)
+  kw = {} if name is None else {"name": name}
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, **kw,
+                  kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
+
+
+def conv(features: int, kernel: int, dtype: Dtype, name: str, *, zero_init: bool = False) -> nn.Conv:
+  """Biased 'same' conv (kernel [kh, kw, in, out], logical axes conv_in/conv_out); padding (k-1)/2 like torch."""
+  p = (kernel - 1) // 2
+  init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
+  return nn.Conv(features, (kernel, kernel), padding=((p, p), (p, p)), dtype=dtype, param_dtype=jnp.float32,
+                 name=name,
+                 kernel_init=nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def layer_norm(dtype: Dtype, name: str | None = None, *, eps: float = TORCH_NORM_EPS) -> nn.LayerNorm:
+  """torch LayerNorm (affine, eps 1e-5 unless given) with scale/bias on the "embed" axis."""
+  kw = {} if name is None else {"name": name}
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, **kw,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
+
+
+def group_norm(groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
+  """torch GroupNorm (eps 1e-5, affine); groups are contiguous channel blocks, so NHWC needs no permute."""
+  return GroupNorm(num_groups=groups, dtype=dtype, param_dtype=jnp.float32, name=name,
+                   scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("act_ch",)),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("act_ch",)))
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+
+
+def remat_policy(name: str):
+  """Config `remat_policy` -> (wrap in nn.remat?, jax checkpoint policy). "none" disables remat, "full" saves
+  nothing (recomputes every activation)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; choose one of {REMAT_POLICIES}")
+  if name in ("none", "full"):
+    return name == "full", None
+  return True, getattr(jax.checkpoint_policies, name)
+
+
+def maybe_remat(module_cls, policy: str):
+  """`module_cls` wrapped in `nn.remat` with the named policy (unchanged for "none")."""
+  wrap, jax_policy = remat_policy(policy)
+  return nn.remat(module_cls, policy=jax_policy) if wrap else module_cls
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -71,11 +137,11 @@ class TimestepEmbedding(nn.Module):
     return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(emb))
 
 
-def attention_bias_from_mask(mask: jax.Array, *, masked_value: float = -10000.0) -> jax.Array:
+def attention_bias_from_mask(mask: jax.Array, *, masked_value: float = DIFFUSERS_MASK_VALUE) -> jax.Array:
   """Boolean keep-mask [..., T] -> additive bias [..., T]: 0 where kept, `masked_value` elsewhere.
 
-  -10000 reproduces diffusers bit for bit (ARCHITECTURE.md §15.3); -inf gives the same fp32 softmax for
-  rows with at least one kept key.
+  DIFFUSERS_MASK_VALUE (-10000) reproduces diffusers bit for bit; -inf gives the same fp32 softmax for rows with
+  at least one kept key.
   """
   return jnp.where(mask.astype(bool), 0.0, masked_value).astype(jnp.float32)
 

@@ -1,6 +1,6 @@
 """Diffusion prior: a causal transformer that predicts the (normalised) CLIP image embedding x̂₀.
 
-Reproduces diffusers' `PriorTransformer` (ARCHITECTURE.md §5.2), which equals Karlo's prior:
+Reproduces diffusers' `PriorTransformer`, which equals Karlo's prior (docs/layouts.md):
 
   sequence [text token states (L), pooled text emb, time emb, noised image emb x_t, learned prd query]
            + positional_embedding                                                   # [B, L+4, inner]
@@ -9,10 +9,10 @@ Reproduces diffusers' `PriorTransformer` (ARCHITECTURE.md §5.2), which equals K
   output   proj_to_clip_embeddings(norm_out(x)[:, -1])                                # [B, E]
 
 Unlike diffusers, the causal mask is ALWAYS applied and the padding mask is mandatory (diffusers drops both when
-no `attention_mask` is passed; its pipelines always pass one, ARCHITECTURE.md §1 rule 5).
+no `attention_mask` is passed; its pipelines always pass one).
 
-Submodules are named after the diffusers keys (§8.5): `transformer_blocks.3.attn1.to_out.0` ↔
-`transformer_blocks_3/attn1/to_out_0`, so `ckpt/convert_prior.py` is a pure function of the key.
+Submodules are named after the diffusers keys: `transformer_blocks.3.attn1.to_out.0` ↔
+`transformer_blocks_3/attn1/to_out_0`, so `convert/prior.py` is a pure function of the key.
 
 The network works on normalised embeddings. `normalize` / `denormalize` map between CLIP image-embedding space and
 the network's space:
@@ -24,7 +24,6 @@ statistics, never trained: the helpers stop their gradient, and optimisers shoul
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -37,23 +36,6 @@ Dtype = Any
 
 NORMALIZATIONS = ("clip_stats", "sqrt_dim")
 STATS_PARAMS = ("clip_mean", "clip_std")     # top-level params that hold data statistics, not trained weights
-MASK_VALUE = -10000.0                         # diffusers' additive mask value (§15.3)
-
-
-def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, name: str | None = None,
-           init_std: float = 0.02) -> nn.Dense:
-  """Biased Dense with logical axes (kernel [in, out]); `name` is left out inside `setup`."""
-  kw = {} if name is None else {"name": name}
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, **kw,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(init_std), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
-
-
-def layer_norm(dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  kw = {} if name is None else {"name": name}
-  return layers.LayerNorm(dtype=dtype, param_dtype=jnp.float32, **kw,
-                          scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))
 
 
 def prior_attention_bias(text_mask: jax.Array, additional_embeddings: int) -> jax.Array:
@@ -66,10 +48,10 @@ def prior_attention_bias(text_mask: jax.Array, additional_embeddings: int) -> ja
     [B, 1, S, S] float32 with S = L + additional_embeddings: (1 - m)·(-10000) over the keys plus -10000 above the
     diagonal (both add up where both apply, as in diffusers).
   """
-  pad = layers.attention_bias_from_mask(text_mask, masked_value=MASK_VALUE)          # [B, L]
+  pad = layers.attention_bias_from_mask(text_mask, masked_value=layers.DIFFUSERS_MASK_VALUE)          # [B, L]
   pad = jnp.pad(pad, ((0, 0), (0, additional_embeddings)))                             # [B, S]
   s = pad.shape[-1]
-  causal = jnp.where(jnp.triu(jnp.ones((s, s), bool), k=1), MASK_VALUE, 0.0)           # [S, S]
+  causal = jnp.where(jnp.triu(jnp.ones((s, s), bool), k=1), layers.DIFFUSERS_MASK_VALUE, 0.0)           # [S, S]
   return (pad[:, None, None, :] + causal[None, None]).astype(jnp.float32)
 
 
@@ -87,11 +69,11 @@ class Attention(nn.Module):
     inner = self.num_heads * self.head_dim
     b, s, _ = x.shape
     split = lambda y: y.reshape(b, s, self.num_heads, self.head_dim)                 # [B, S, H, D]
-    q = split(dense(inner, ("embed", "heads"), self.dtype, "to_q")(x))
-    k = split(dense(inner, ("embed", "heads"), self.dtype, "to_k")(x))
-    v = split(dense(inner, ("embed", "heads"), self.dtype, "to_v")(x))
+    q = split(layers.dense(inner, ("embed", "heads"), self.dtype, "to_q")(x))
+    k = split(layers.dense(inner, ("embed", "heads"), self.dtype, "to_k")(x))
+    v = split(layers.dense(inner, ("embed", "heads"), self.dtype, "to_v")(x))
     out = layers.dot_product_attention(q, k, v, bias)                                  # [B, S, H, D]
-    return dense(inner, ("heads", "embed"), self.dtype, "to_out_0")(out.reshape(b, s, inner))
+    return layers.dense(inner, ("heads", "embed"), self.dtype, "to_out_0")(out.reshape(b, s, inner))
 
 
 class _Net0(nn.Module):
@@ -101,7 +83,7 @@ class _Net0(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layers.exact_gelu(dense(self.features, ("embed", "mlp"), self.dtype, "proj")(x))
+    return layers.exact_gelu(layers.dense(self.features, ("embed", "mlp"), self.dtype, "proj")(x))
 
 
 class FeedForward(nn.Module):
@@ -114,7 +96,7 @@ class FeedForward(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     # `net_0/proj` mirrors the diffusers key `ff.net.0.proj` (the GELU module owns the Linear).
     h = _Net0(self.dim * self.mult, self.dtype, name="net_0")(x)
-    return dense(self.dim, ("mlp", "embed"), self.dtype, "net_2")(h)
+    return layers.dense(self.dim, ("mlp", "embed"), self.dtype, "net_2")(h)
 
 
 class TransformerBlock(nn.Module):
@@ -130,9 +112,9 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, bias: jax.Array):
     inner = self.num_heads * self.head_dim
-    x = x + Attention(self.num_heads, self.head_dim, self.dtype, name="attn1")(layer_norm(self.dtype, "norm1")(x),
-                                                                              bias)
-    x = x + FeedForward(inner, dtype=self.dtype, name="ff")(layer_norm(self.dtype, "norm3")(x))
+    x = x + Attention(self.num_heads, self.head_dim, self.dtype, name="attn1")(
+        layers.layer_norm(self.dtype, "norm1")(x), bias)
+    x = x + FeedForward(inner, dtype=self.dtype, name="ff")(layers.layer_norm(self.dtype, "norm3")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return (x, None) if self.scanned else x
 
@@ -147,10 +129,10 @@ class PriorTransformer(nn.Module):
     additional_embeddings: tokens after the text; must be 4 ([pooled text, time, x_t, prd]).
     normalization: "clip_stats" or "sqrt_dim" (see the module docstring).
     dtype: compute dtype; parameters are float32. The output is float32.
-    remat: rematerialise each block in the backward pass.
+    remat: remat policy of each block (`layers.REMAT_POLICIES`; "none" off).
     scan_layers: run the blocks with `nn.scan` (one compiled block, params stacked on a leading "layers" axis
       under `transformer_blocks`); otherwise a Python loop over `transformer_blocks_{i}` (the diffusers naming
-      the converters use). `stack_blocks` / `unstack_blocks` convert between the two trees.
+      the converters use). `stages.prior.stack_blocks` / `unstack_blocks` convert between the two trees.
   """
   embedding_dim: int = 768
   num_embeddings: int = 77
@@ -160,7 +142,7 @@ class PriorTransformer(nn.Module):
   additional_embeddings: int = 4
   normalization: str = "clip_stats"
   dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: str = "none"
   scan_layers: bool = False
 
   @property
@@ -179,16 +161,16 @@ class PriorTransformer(nn.Module):
       raise ValueError(f"unknown normalization {self.normalization!r}; choose one of {NORMALIZATIONS}")
     inner, e = self.inner_dim, self.embedding_dim
     self.time_embedding = layers.TimestepEmbedding(inner, dtype=self.dtype)
-    self.proj_in = dense(inner, (None, "embed"), self.dtype)
-    self.embedding_proj = dense(inner, (None, "embed"), self.dtype)
-    self.encoder_hidden_states_proj = dense(inner, (None, "embed"), self.dtype)
+    self.proj_in = layers.dense(inner, (None, "embed"), self.dtype)
+    self.embedding_proj = layers.dense(inner, (None, "embed"), self.dtype)
+    self.encoder_hidden_states_proj = layers.dense(inner, (None, "embed"), self.dtype)
     self.positional_embedding = self.param(
         "positional_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "length", "embed")),
         (1, self.seq_len, inner), jnp.float32)
     self.prd_embedding = self.param(
         "prd_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
         (1, 1, inner), jnp.float32)
-    block = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    block = layers.maybe_remat(TransformerBlock, self.remat)
     if self.scan_layers:
       self.transformer_blocks = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
@@ -197,8 +179,8 @@ class PriorTransformer(nn.Module):
     else:
       # A list attribute names its members `transformer_blocks_{i}` (= diffusers `transformer_blocks.{i}`).
       self.transformer_blocks = [block(self.num_heads, self.head_dim, self.dtype) for _ in range(self.num_layers)]
-    self.norm_out = layer_norm(self.dtype)
-    self.proj_to_clip_embeddings = dense(e, ("embed", None), self.dtype)
+    self.norm_out = layers.layer_norm(self.dtype)
+    self.proj_to_clip_embeddings = layers.dense(e, ("embed", None), self.dtype)
     self.clip_mean = self.param("clip_mean", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None)),
                                 (1, e), jnp.float32)
     self.clip_std = self.param("clip_std", nn.with_logical_partitioning(nn.initializers.ones_init(), (None, None)),
@@ -271,52 +253,3 @@ class PriorTransformer(nn.Module):
       return x / jnp.sqrt(float(self.embedding_dim))
     return x * jax.lax.stop_gradient(self.clip_std) + jax.lax.stop_gradient(self.clip_mean)
 
-
-def from_config(model_cfg, *, dtype: Dtype | None = None, remat: bool | None = None,
-                scan_layers: bool | None = None) -> PriorTransformer:
-  """Builds the module from a `configs/prior.py` `model` block (dtype/remat/scan default to its fields, else
-  fp32/off/off)."""
-  get = lambda k, d: model_cfg.get(k, d) if hasattr(model_cfg, "get") else getattr(model_cfg, k, d)
-  dt = dtype if dtype is not None else get("dtype", "float32")
-  if float(get("dropout", 0.0)) != 0.0:
-    raise ValueError(f"dropout={get('dropout', 0.0)} is not implemented in the prior (Karlo and diffusers use 0)")
-  return PriorTransformer(
-      embedding_dim=model_cfg.embedding_dim, num_embeddings=model_cfg.num_embeddings,
-      num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim,
-      additional_embeddings=get("additional_embeddings", 4), normalization=get("normalization", "clip_stats"),
-      dtype=jnp.dtype(dt), remat=bool(remat if remat is not None else get("remat", False)),
-      scan_layers=bool(scan_layers if scan_layers is not None else get("scan_layers", False)))
-
-
-def init_params(model: PriorTransformer, rng: jax.Array, batch: int = 1):
-  """Unboxed float32 params from dummy inputs of the right shapes."""
-  args = dummy_inputs(model, batch)
-  return nn.unbox(model.init(rng, *args))["params"]
-
-
-def dummy_inputs(model: PriorTransformer, batch: int = 1):
-  e, l = model.embedding_dim, model.num_embeddings
-  return (jnp.zeros((batch, e)), jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, e)), jnp.zeros((batch, l, e)),
-          jnp.ones((batch, l), bool))
-
-
-def abstract_params(model: PriorTransformer):
-  """Shapes/dtypes of the unboxed params (`jax.eval_shape(init)`), for converters and sharding."""
-  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-
-
-def stack_blocks(params, num_layers: int):
-  """Looped tree (`transformer_blocks_{i}/...`) -> scanned tree (`transformer_blocks/...` stacked on axis 0)."""
-  blocks = [params[f"transformer_blocks_{i}"] for i in range(num_layers)]
-  rest = {k: v for k, v in params.items() if not k.startswith("transformer_blocks_")}
-  if len(rest) + num_layers != len(params):
-    raise ValueError(f"params have {len(params) - len(rest)} transformer blocks, expected {num_layers}")
-  return {**rest, "transformer_blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
-
-
-def unstack_blocks(params):
-  """Scanned tree -> looped tree (the layout `ckpt/convert_prior.py` reads and writes)."""
-  stacked = params["transformer_blocks"]
-  n = jax.tree.leaves(stacked)[0].shape[0]
-  rest = {k: v for k, v in params.items() if k != "transformer_blocks"}
-  return {**rest, **{f"transformer_blocks_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}

@@ -1,6 +1,6 @@
 """unCLIP text projection: CLIP image/text embeddings -> the decoder's tokens and additive time embedding.
 
-Reproduces diffusers' `UnCLIPTextProjModel` (ARCHITECTURE.md §5.3), which equals the conditioning layers of
+Reproduces diffusers' `UnCLIPTextProjModel`, which equals the conditioning layers of
 Karlo's `PLMImUNet` (`clip_emb`, `text_feat_proj`, `clip_tok_proj`, `text_seq_proj`, `cf_param`):
 
   img          = [cf_emb; image_emb] with classifier-free guidance (uncond FIRST), else image_emb     # [B', E]
@@ -10,11 +10,10 @@ Karlo's `PLMImUNet` (`clip_emb`, `text_feat_proj`, `clip_tok_proj`, `text_seq_pr
   tokens       = [clip_tokens ; text]                                                               # [B', 4+L, Dc]
   mask         = pad(text_mask, (4, 0), True)                                                       # [B', 4+L]
 
-Parameter names are the diffusers keys (§8.2, §8.5); `ckpt/convert_unet.py` converts them.
+Parameter names are the diffusers keys (docs/layouts.md); `convert/unet.py` converts them.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,12 +23,6 @@ import jax.numpy as jnp
 from unclip_jax.models import layers
 
 Dtype = Any
-
-
-def _dense(features: int, axes, dtype: Dtype) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
 
 
 class UnCLIPTextProj(nn.Module):
@@ -53,10 +46,10 @@ class UnCLIPTextProj(nn.Module):
     self.learned_classifier_free_guidance_embeddings = self.param(
         "learned_classifier_free_guidance_embeddings",
         nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)), (e,), jnp.float32)
-    self.embedding_proj = _dense(self.time_embed_dim, (None, "embed"), self.dtype)
-    self.clip_image_embeddings_project_to_time_embeddings = _dense(self.time_embed_dim, (None, "embed"), self.dtype)
-    self.clip_extra_context_tokens_proj = _dense(n * dc, (None, "embed"), self.dtype)
-    self.encoder_hidden_states_proj = _dense(dc, (None, "embed"), self.dtype)
+    self.embedding_proj = layers.dense(self.time_embed_dim, (None, "embed"), self.dtype)
+    self.clip_image_embeddings_project_to_time_embeddings = layers.dense(self.time_embed_dim, (None, "embed"), self.dtype)
+    self.clip_extra_context_tokens_proj = layers.dense(n * dc, (None, "embed"), self.dtype)
+    self.encoder_hidden_states_proj = layers.dense(dc, (None, "embed"), self.dtype)
     self.text_encoder_hidden_states_norm = layers.LayerNorm(
         dtype=self.dtype, param_dtype=jnp.float32,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
@@ -138,23 +131,3 @@ def decoder_attention_mask(text_mask: jax.Array, extra_tokens: int = 4) -> jax.A
   """Text mask [B, L] -> decoder mask [B, extra+L]: left-padded with True for the image tokens."""
   return jnp.pad(text_mask.astype(bool), ((0, 0), (extra_tokens, 0)), constant_values=True)
 
-
-def from_config(model_cfg, *, dtype: Dtype | None = None) -> UnCLIPTextProj:
-  """From a `configs/decoder.py` model block (clip_embedding_dim, cross_attention_dim, block_out_channels, ...)
-  or a text-proj block (clip_embeddings_dim, time_embed_dim, cross_attention_dim, clip_extra_context_tokens)."""
-  get = lambda k, d=None: model_cfg.get(k, d) if hasattr(model_cfg, "get") else getattr(model_cfg, k, d)
-  e = get("clip_embeddings_dim") or get("clip_embedding_dim")
-  temb = get("time_embed_dim") or 4 * tuple(get("block_out_channels"))[0]
-  return UnCLIPTextProj(clip_embeddings_dim=e, time_embed_dim=temb, cross_attention_dim=get("cross_attention_dim"),
-                        clip_extra_context_tokens=get("clip_extra_context_tokens", 4),
-                        dtype=jnp.dtype(dtype if dtype is not None else get("dtype", "float32")))
-
-
-def init_params(model: UnCLIPTextProj, rng: jax.Array, batch: int = 1, length: int = 1):
-  e = model.clip_embeddings_dim
-  return nn.unbox(model.init(rng, image_embeddings=jnp.zeros((batch, e)), prompt_embeds=jnp.zeros((batch, e)),
-                             text_encoder_hidden_states=jnp.zeros((batch, length, e))))["params"]
-
-
-def abstract_params(model: UnCLIPTextProj):
-  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))

@@ -1,6 +1,6 @@
 """The ADM/GLIDE UNet of the unCLIP decoder (64²) and both upsamplers, NHWC.
 
-One module reproduces two diffusers classes (ARCHITECTURE.md §1 rule 1, §5.4-5.7):
+One module reproduces two diffusers classes (docs/layouts.md):
 
 * `UNet2DConditionModel` with Karlo's blocks (`ResnetDownsampleBlock2D`, `SimpleCrossAttnDownBlock2D`,
   `UNetMidBlock2DSimpleCrossAttn`, `SimpleCrossAttnUpBlock2D`, `ResnetUpsampleBlock2D`, `class_embed_type=
@@ -19,15 +19,14 @@ Attention (`AttnAddedKVProcessor2_0`): keys/values are [add_k_proj(text tokens) 
 first; the additive text-mask bias is right-padded with zeros over the spatial keys (on the cuDNN path the kept
 keys are packed in front and passed as lengths instead: `AddedKVAttention`).
 
-Submodules are named after the diffusers keys (§8.5): `down_blocks.1.attentions.0.add_k_proj` ↔
-`down_blocks_1/attentions_0/add_k_proj`, so `ckpt/convert_unet.py` is a pure function of the key.
+Submodules are named after the diffusers keys: `down_blocks.1.attentions.0.add_k_proj` ↔
+`down_blocks_1/attentions_0/add_k_proj`, so `convert/unet.py` is a pure function of the key.
 
-Inputs of the conditional variants are built with `model_input` (super-res: [x_t, upsampled low-res];
+Inputs of the conditional variants are built with `stages.common.model_input` (super-res: [x_t, upsampled low-res];
 GLIDE inpainting: [x_t, image·mask, mask]; both: [x_t, image·mask, mask, upsampled]).
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -38,50 +37,17 @@ from unclip_jax.models import layers
 
 Dtype = Any
 
-MASK_VALUE = -10000.0                    # diffusers' additive mask value (§15.3)
 TIME_SCALE_SHIFTS = ("scale_shift", "default")
 CLASS_EMBED_TYPES = (None, "identity")
-CONDITIONINGS = ("none", "low_res", "inpaint", "inpaint_low_res")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable",
-                  "everything_saveable")
 
 
-# ---- parameter helpers ----------------------------------------------------------------------------------------
-def _dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, name: str) -> nn.Dense:
-  """Biased Dense with logical axes (kernel [in, out])."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)))
-
-
-def _conv(features: int, kernel: int, dtype: Dtype, name: str, zero_init: bool = False) -> nn.Conv:
-  """Biased 'same' conv (kernel [kh, kw, in, out]); padding (k-1)/2 like torch."""
-  p = (kernel - 1) // 2
-  init = nn.initializers.zeros_init() if zero_init else nn.initializers.lecun_normal()
-  return nn.Conv(features, (kernel, kernel), padding=((p, p), (p, p)), dtype=dtype, param_dtype=jnp.float32,
-                 name=name,
-                 kernel_init=nn.with_logical_partitioning(init, (None, None, "conv_in", "conv_out")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
-
-
-def _group_norm(groups: int, dtype: Dtype, name: str) -> nn.GroupNorm:
-  """torch GroupNorm (eps 1e-5, affine); groups are contiguous channel blocks, so NHWC needs no permute (§15.2)."""
-  return layers.GroupNorm(num_groups=groups, dtype=dtype, param_dtype=jnp.float32, name=name,
-                          scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("act_ch",)),
-                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("act_ch",)))
+def _dense(features: int, axes, dtype: Dtype, name: str) -> nn.Dense:
+  """`layers.dense` with the UNet's lecun-normal kernel init."""
+  return layers.dense(features, axes, dtype, name, kernel_init=nn.initializers.lecun_normal())
 
 
 def _constrain(h: jax.Array) -> jax.Array:
   return nn.with_logical_constraint(h, ("batch", "act_h", "act_w", "act_ch"))
-
-
-def remat_policy(name: str):
-  """Config name -> (wrap?, jax checkpoint policy). "none" disables remat, "full" saves nothing."""
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {name!r}; choose one of {REMAT_POLICIES}")
-  if name in ("none", "full"):
-    return name == "full", None
-  return True, getattr(jax.checkpoint_policies, name)
 
 
 def upsample_nearest(x: jax.Array) -> jax.Array:
@@ -112,27 +78,27 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
     out = self.out_channels
-    h = nn.silu(_group_norm(self.groups, self.dtype, "norm1")(x))
+    h = nn.silu(layers.group_norm(self.groups, self.dtype, "norm1")(x))
     if self.sample == "up":
       x, h = upsample_nearest(x), upsample_nearest(h)
     elif self.sample == "down":
       x, h = downsample_avg(x), downsample_avg(h)
     elif self.sample is not None:
       raise ValueError(f"ResnetBlock2D.sample must be None, 'up' or 'down', got {self.sample!r}")
-    h = _conv(out, 3, self.dtype, "conv1")(h)
+    h = layers.conv(out, 3, self.dtype, "conv1")(h)
     scale_shift = self.time_scale_shift == "scale_shift"
     t = _dense(out * (2 if scale_shift else 1), ("embed", None), self.dtype, "time_emb_proj")(nn.silu(temb))
     t = t[:, None, None, :]                                                            # [B, 1, 1, out(·2)]
-    norm2 = _group_norm(self.groups, self.dtype, "norm2")
+    norm2 = layers.group_norm(self.groups, self.dtype, "norm2")
     if scale_shift:
       scale, shift = jnp.split(t, 2, axis=-1)                                          # scale first
       h = norm2(h) * (1 + scale) + shift
     else:
       h = norm2(h + t)
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=self.deterministic)
-    h = _conv(out, 3, self.dtype, "conv2")(h)
+    h = layers.conv(out, 3, self.dtype, "conv2")(h)
     if x.shape[-1] != out:
-      x = _conv(out, 1, self.dtype, "conv_shortcut")(x)
+      x = layers.conv(out, 1, self.dtype, "conv_shortcut")(x)
     return _constrain(x + h)
 
 
@@ -154,7 +120,7 @@ class AddedKVAttention(nn.Module):
   def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None) -> jax.Array:
     b, hh, ww, c = x.shape
     heads, d = c // self.head_dim, self.head_dim
-    xn = _group_norm(self.groups, self.dtype, "group_norm")(x).reshape(b, hh * ww, c)   # row-major (h, w)
+    xn = layers.group_norm(self.groups, self.dtype, "group_norm")(x).reshape(b, hh * ww, c)   # row-major (h, w)
     context = context.astype(self.dtype)
     proj = lambda name, y, ax: _dense(c, ax, self.dtype, name)(y).reshape(y.shape[0], y.shape[1], heads, d)
     q = proj("to_q", xn, ("embed", "heads"))                                            # [B, HW, H, D]
@@ -168,7 +134,7 @@ class AddedKVAttention(nn.Module):
     else:
       bias = None
       if mask is not None:                                   # encoder keys first; spatial keys never masked
-        bias = layers.attention_bias_from_mask(mask, masked_value=MASK_VALUE)           # [B, T]
+        bias = layers.attention_bias_from_mask(mask, masked_value=layers.DIFFUSERS_MASK_VALUE)           # [B, T]
         bias = jnp.pad(bias, ((0, 0), (0, hh * ww)))[:, None, None, :]                 # [B, 1, 1, T+HW]
       k, v = jnp.concatenate([ck, sk], 1), jnp.concatenate([cv, sv], 1)                 # [B, T+HW, H, D]
       out = layers.dot_product_attention(q, k, v, bias, implementation=self.attention)
@@ -192,14 +158,12 @@ class _BlockSettings(nn.Module):
   dtype: Dtype = jnp.float32
 
   def resnet(self, name: str, sample: str | None = None) -> ResnetBlock2D:
-    wrap, policy = remat_policy(self.remat)
-    cls = nn.remat(ResnetBlock2D, policy=policy) if wrap else ResnetBlock2D
+    cls = layers.maybe_remat(ResnetBlock2D, self.remat)
     return cls(self.out_channels, self.time_scale_shift, sample, self.groups, self.dropout,
                self.deterministic, self.dtype, name=name)
 
   def attention(self, name: str) -> AddedKVAttention:
-    wrap, policy = remat_policy(self.remat)
-    cls = nn.remat(AddedKVAttention, policy=policy) if wrap else AddedKVAttention
+    cls = layers.maybe_remat(AddedKVAttention, self.remat)
     return cls(self.head_dim, self.groups, self.attention_impl, self.dtype, name=name)
 
 
@@ -267,7 +231,7 @@ class UNet(nn.Module):
     norm_num_groups, dropout: GroupNorm groups; dropout inside every resnet (needs a 'dropout' rng when
       `deterministic=False`).
     dtype: compute dtype (params stay float32; the output is float32).
-    remat: one of `REMAT_POLICIES`, applied to every resnet and attention block.
+    remat: one of `layers.REMAT_POLICIES`, applied to every resnet and attention block.
     attention: "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, else XLA), "xla" or "cudnn"
       (`layers.resolve_attention`).
   """
@@ -338,7 +302,7 @@ class UNet(nn.Module):
     x = x.astype(self.dtype)
     if self.center_input_sample:
       x = 2 * x - 1.0
-    h = _constrain(_conv(chans[0], 3, self.dtype, "conv_in")(x))
+    h = _constrain(layers.conv(chans[0], 3, self.dtype, "conv_in")(x))
     skips = [h]
     for i in range(n):
       h, s = DownBlock(chans[i], self.layers_per_block, self.attention_levels[i], i < n - 1,
@@ -351,8 +315,8 @@ class UNet(nn.Module):
       level_skips, skips = skips[-take:][::-1], skips[:-take]
       h = UpBlock(chans[level], take, self.attention_levels[level], i < n - 1,
                   name=f"up_blocks_{i}", **common)(h, level_skips, temb, context, mask)
-    h = nn.silu(_group_norm(self.norm_num_groups, self.dtype, "conv_norm_out")(h))
-    return _conv(self.out_channels, 3, self.dtype, "conv_out", zero_init=True)(h).astype(jnp.float32)
+    h = nn.silu(layers.group_norm(self.norm_num_groups, self.dtype, "conv_norm_out")(h))
+    return layers.conv(self.out_channels, 3, self.dtype, "conv_out", zero_init=True)(h).astype(jnp.float32)
 
   def _check(self, x, t, ehs, class_labels, mask):
     n, chans = self.num_levels, tuple(self.block_out_channels)
@@ -403,110 +367,3 @@ class UNet(nn.Module):
                          f"got shape {mask.shape}")
     elif mask is not None:
       raise ValueError("attention_mask given but this UNet has no attention")
-
-
-# ---- conditioning inputs --------------------------------------------------------------------------------------
-def upsample_low_res(low_res: jax.Array, size: int | tuple[int, int], method: str = "bicubic") -> jax.Array:
-  """Resizes the low-resolution condition to the target size.  [B, h, w, C] -> [B, H, W, C] float32.
-
-  "bicubic" equals torch `interpolate(bicubic, align_corners=False, antialias=True)` (Karlo/diffusers, §15.11);
-  "bilinear" equals torch bilinear without antialias (GLIDE) when upsampling.
-  """
-  hh, ww = (size, size) if isinstance(size, int) else size
-  b, _, _, c = low_res.shape
-  return jax.image.resize(low_res.astype(jnp.float32), (b, hh, ww, c), method=method)
-
-
-def input_channels(image_channels: int, conditioning: str) -> int:
-  """UNet in_channels for a conditioning option (image_channels=3: none 3, low_res 6, inpaint 7, both 10)."""
-  if conditioning not in CONDITIONINGS:
-    raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {CONDITIONINGS}")
-  extra = {"none": 0, "low_res": image_channels, "inpaint": image_channels + 1,
-           "inpaint_low_res": 2 * image_channels + 1}[conditioning]
-  return image_channels + extra
-
-
-def model_input(x_t: jax.Array, *, conditioning: str = "none", low_res: jax.Array | None = None,
-                inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None,
-                resize_method: str = "bicubic") -> jax.Array:
-  """Builds the UNet input for a conditioning option; x_t [B, H, W, C] -> [B, H, W, input_channels(C, ...)].
-
-  "low_res": cat([x_t, resize(low_res)]) (low-res AFTER the noisy input, §15.12).
-  "inpaint": cat([x_t, image·mask, mask]) (GLIDE); zeros when image/mask are None.
-  "inpaint_low_res": cat([x_t, image·mask, mask, resize(low_res)]).
-  inpaint_image is [B, H, W, C]; inpaint_mask [B, H, W, 1] or [B, H, W], 1 = known pixel.
-  """
-  input_channels(x_t.shape[-1], conditioning)      # validates the name
-  b, hh, ww, c = x_t.shape
-  parts = [x_t.astype(jnp.float32)]
-  if conditioning.startswith("inpaint"):
-    if (inpaint_image is None) != (inpaint_mask is None):
-      raise ValueError("pass both inpaint_image and inpaint_mask, or neither")
-    if inpaint_image is None:
-      parts += [jnp.zeros((b, hh, ww, c), jnp.float32), jnp.zeros((b, hh, ww, 1), jnp.float32)]
-    else:
-      mask = inpaint_mask.astype(jnp.float32)
-      mask = mask[..., None] if mask.ndim == 3 else mask
-      if inpaint_image.shape != x_t.shape or mask.shape != (b, hh, ww, 1):
-        raise ValueError(f"inpaint_image must be {x_t.shape} and inpaint_mask [{b}, {hh}, {ww}(, 1)]; got "
-                         f"{inpaint_image.shape} and {inpaint_mask.shape}")
-      parts += [inpaint_image.astype(jnp.float32) * mask, mask]
-  if conditioning.endswith("low_res"):
-    if low_res is None or low_res.ndim != 4 or low_res.shape[0] != b or low_res.shape[-1] != c:
-      raise ValueError(f"conditioning {conditioning!r} needs low_res [{b}, h, w, {c}], got "
-                       f"{None if low_res is None else low_res.shape}")
-    parts.append(upsample_low_res(low_res, (hh, ww), resize_method))
-  return jnp.concatenate(parts, axis=-1)
-
-
-# ---- construction ---------------------------------------------------------------------------------------------
-def from_config(model_cfg, *, dtype: Dtype | None = None, remat: str | None = None) -> UNet:
-  """Builds the UNet from a `configs/decoder.py` / `configs/upsampler.py` `model` block.
-
-  dtype / remat default to the block's `dtype` / `remat_policy` fields when present, else float32 / "none".
-  """
-  get = lambda k, d=None: model_cfg.get(k, d) if hasattr(model_cfg, "get") else getattr(model_cfg, k, d)
-  chans = tuple(get("block_out_channels"))
-  conditioning = get("conditioning", "none")
-  in_ch = get("in_channels", None) or input_channels(get("image_channels", 3), conditioning)
-  if in_ch != input_channels(get("image_channels", 3), conditioning):
-    raise ValueError(f"in_channels={in_ch} does not match conditioning={conditioning!r} "
-                     f"({input_channels(get('image_channels', 3), conditioning)} channels)")
-  return UNet(
-      in_channels=in_ch, out_channels=get("out_channels"), block_out_channels=chans,
-      layers_per_block=get("layers_per_block"),
-      attention_levels=tuple(bool(a) for a in get("attention_levels", (False,) * len(chans))),
-      mid_block_attention=bool(get("mid_block_attention", any(get("attention_levels", ())))),
-      head_dim=get("head_dim", 64), cross_attention_dim=get("cross_attention_dim", None),
-      time_scale_shift=get("time_scale_shift", "scale_shift"), class_embed_type=get("class_embed_type", None),
-      time_embed_dim=get("time_embed_dim", None), flip_sin_to_cos=get("flip_sin_to_cos", True),
-      freq_shift=get("freq_shift", 0.0), center_input_sample=get("center_input_sample", False),
-      norm_num_groups=get("norm_num_groups", 32), dropout=float(get("dropout", 0.0)),
-      dtype=jnp.dtype(dtype if dtype is not None else get("dtype", "float32")),
-      remat=remat if remat is not None else get("remat_policy", "none"), attention=get("attention", "auto"))
-
-
-def dummy_inputs(model: UNet, batch: int = 1, size: int | None = None, tokens: int = 1):
-  """(args, kwargs) of the smallest valid call, for init/eval_shape."""
-  size = size or 2 ** (model.num_levels - 1)
-  kw = {}
-  if model.has_attention:
-    kw["encoder_hidden_states"] = jnp.zeros((batch, tokens, model.cross_attention_dim))
-  if model.class_embed_type == "identity":
-    kw["class_labels"] = jnp.zeros((batch, model.temb_dim))
-  return (jnp.zeros((batch, size, size, model.in_channels)), jnp.zeros((batch,), jnp.int32)), kw
-
-
-def init_params(model: UNet, rng: jax.Array, batch: int = 1):
-  """Unboxed float32 params from dummy inputs."""
-  args, kw = dummy_inputs(model, batch)
-  return nn.unbox(model.init(rng, *args, **kw))["params"]
-
-
-def abstract_params(model: UNet):
-  """Shapes/dtypes of the unboxed params (`jax.eval_shape(init)`), no allocation."""
-  return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-
-
-def param_count(model: UNet) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(abstract_params(model)))

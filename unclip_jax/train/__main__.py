@@ -1,6 +1,8 @@
-"""`python -m unclip_jax.train --config configs/<stage>.py:<variant> --workdir DIR [--config.key=value ...]`
+"""`python -m unclip_jax.train --config <stage>:<variant> --workdir DIR [--config.key=value ...]`
 
 Trains any stage on one CPU, one GPU or a TPU pod slice, unchanged. Resumes from DIR's latest checkpoint.
+`--config` takes a built-in config (`decoder:karlo`, `prior.py:shapes`; they ship with the package) or a path to a
+config file (`configs/decoder.py:tiny`, `my_configs/x.py:variant`).
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:variant]", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "<stage>[:variant] (built-in) or path/to/config.py[:variant]",
+                                lock_config=True)
 flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and samples go here")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize(): 'auto' does when a multi-host launcher is detected")
@@ -57,7 +60,8 @@ def main(argv):
   compilation_cache.enable(compilation_cache.resolve(flags.FLAGS.compilation_cache))
 
   from unclip_jax.parallel import mesh as mesh_lib
-  from unclip_jax.train import loop, stages
+  from unclip_jax import stages
+  from unclip_jax.train import loop
 
   cfg = flags.FLAGS.config
   mesh = mesh_lib.make_mesh(dict(cfg.mesh))
@@ -71,5 +75,28 @@ def main(argv):
   logging.info("finished %s at step %d", cfg.stage, int(state.step))
 
 
+def resolve_config_args(argv: list[str]) -> list[str]:
+  """argv with `--config NAME` / `--config=NAME` of a built-in config replaced by its file path (config_flags reads
+  files only). An unknown name is a clear error before anything starts."""
+  from unclip_jax import config_lib
+
+  out, i = [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config="):
+      out.append("--config=" + config_lib.resolve_spec(arg[len("--config="):]))
+    elif arg == "--config" and i + 1 < len(argv):
+      out += [arg, config_lib.resolve_spec(argv[i + 1])]
+      i += 1
+    else:
+      out.append(arg)
+    i += 1
+  return out
+
+
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    resolved = resolve_config_args(sys.argv)
+  except FileNotFoundError as e:
+    sys.exit(f"error: {e}")
+  app.run(main, argv=resolved)

@@ -1,17 +1,15 @@
 """The training loop every stage shares: mesh, sharded init, AOT compile, steps, metrics, checkpoints.
 
-A stage contributes a `Task` (parameter init, loss, per-host batches); everything else — sharding, the
-optimiser, EMA, non-finite skipping, resuming, preemption — is here, once.
+A stage contributes a `Task` (`stages.<name>.make_task`: parameter init, loss, per-host batches); everything
+else — sharding, the optimiser, EMA, non-finite skipping, resuming, preemption — is here, once.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -20,7 +18,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unclip_jax.ckpt.manager import CheckpointManager, abstract_with_shardings
 from unclip_jax.data.global_batch import to_global
+from unclip_jax.inference.images import image_grid
 from unclip_jax.parallel import mesh as mesh_lib, partitioning
+from unclip_jax.stages.common import Task
 from unclip_jax.train import optim
 from unclip_jax.train.state import TrainState
 from unclip_jax.train.step import make_train_step
@@ -30,28 +30,6 @@ log = logging.getLogger(__name__)
 # Dense bf16 peak FLOP/s per device, for the MFU estimate (unknown devices report no MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-
-
-@dataclasses.dataclass
-class Task:
-  """What a stage supplies to `train`.
-
-  Attributes:
-    init_params: rng -> parameter tree (kernels may be `nn.Partitioned`-boxed with logical axis names).
-    loss_fn: (params, batch, rng) -> (scalar loss, dict of scalar metrics); pure.
-    data: iterator of per-host numpy batches (dicts of arrays with a leading batch axis). If it has
-      `get_state()`/`set_state(state)` (grain iterators do), its position is checkpointed and restored.
-    examples_per_batch: global examples per step, for examples/s (default: leading dim × process count).
-    evaluate: optional params -> {name: scalar or image batch [N, H, W, 3] in [-1, 1]}, run with the EMA params
-      every `cfg.eval_every` steps and at the end; scalars are logged as eval/<name>, image batches written as
-      grids to WORKDIR/samples/<name>_<step>.png and TensorBoard. Every process calls it (it may be jitted over
-      sharded params); only process 0 writes.
-  """
-  init_params: Callable[[jax.Array], Any]
-  loss_fn: Callable[..., tuple[jax.Array, dict]]
-  data: Iterator[dict[str, np.ndarray]]
-  examples_per_batch: int | None = None
-  evaluate: Callable[[Any], dict[str, Any]] | None = None
 
 
 def peak_flops(device: jax.Device) -> float | None:
@@ -144,22 +122,6 @@ class MetricsWriter:
       self._tb.close()
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-  """[N, H, W, C] floats in [-1, 1] -> one uint8 [rows·H, cols·W, C] grid (about square; black padding)."""
-  images = np.asarray(images, np.float32)
-  if images.ndim != 4 or images.shape[0] == 0:
-    raise ValueError(f"image_grid needs a non-empty [N, H, W, C] batch, got shape {images.shape}")
-  n, h, w, c = images.shape
-  cols = columns or int(np.ceil(np.sqrt(n)))
-  rows = -(-n // cols)
-  u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
-  for i in range(n):
-    r, k = divmod(i, cols)
-    grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = u8[i]
-  return grid
-
-
 def _host(x) -> np.ndarray:
   """A (possibly multi-host sharded) array -> the full numpy value on every host."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -225,7 +187,7 @@ def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) 
 
     step_fn = make_train_step(task.loss_fn, tx, ema_decay=cfg.optim.ema_decay, grad_accum=int(cfg.optim.grad_accum),
                               lr_schedule=optim.learning_rate_schedule(cfg),
-                              ema_warmup=bool(cfg.optim.get("ema_warmup", False)))
+                              ema_warmup=bool(cfg.optim.ema_warmup))
     start = int(state.step)
     end = cfg.num_train_steps if max_steps is None else min(cfg.num_train_steps, start + max_steps)
     if start >= end:
@@ -250,7 +212,7 @@ def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) 
     writer = MetricsWriter(workdir, end, start)
     batch, last_log, last_time = first, start, time.perf_counter()
     skipped, pending_skips = 0, []
-    eval_every = int(cfg.get("eval_every", 0))
+    eval_every = int(cfg.eval_every)
     with _Preemption() as preemption:
       for step in range(start, end):
         state, metrics = compiled(state, batch, step_rng)

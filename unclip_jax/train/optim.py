@@ -17,7 +17,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
   warmup = max(int(o.warmup_steps), 0)
   total = max(int(cfg.num_train_steps), warmup + 1)
   return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
-                                            decay_steps=total, end_value=o.lr * o.get("final_lr_fraction", 0.0))
+                                            decay_steps=total, end_value=o.lr * o.final_lr_fraction)
 
 
 def _path_str(path) -> str:
@@ -53,7 +53,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
   parts.append(optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                            mask=weight_decay_mask))
   tx = optax.chain(*parts)
-  frozen = tuple(o.get("frozen", ()))
+  frozen = tuple(o.frozen)
   if frozen:
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                lambda params: frozen_labels(params, frozen))

@@ -1,6 +1,6 @@
 """Synthetic captioned shapes: one filled circle/square/triangle of one colour on a plain background of another.
 
-  python -m unclip_jax.data.shapes --out DIR --n N [--size 64] [--seed 0] [--holdout "red circle,blue triangle"]
+  python -m unclip_jax.shapes.data --out DIR --n N [--size 64] [--seed 0] [--holdout "red circle,blue triangle"]
       [--name shapes] [--overwrite]
 
 Each image: shape size (circle diameter, square side, triangle side) uniform in 30-60 % of the image side,
@@ -146,7 +146,7 @@ def build(out_dir, n: int, *, image_size: int = 64, seed: int = 0, holdout=None,
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m unclip_jax.data.shapes", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m unclip_jax.shapes.data", description=__doc__.split("\n\n")[0])
   p.add_argument("--out", required=True, help="tfds data_dir to write into")
   p.add_argument("--n", type=int, required=True, help="number of examples")
   p.add_argument("--size", type=int, default=64, help="image side in pixels")

@@ -1,4 +1,4 @@
-"""PyTorch <-> Flax parameter layout shared by the converters (ARCHITECTURE.md §8.5, §9.1).
+"""PyTorch <-> Flax parameter layout shared by the converters (docs/layouts.md, "Naming" and "Fused projections").
 
   * diffusers key <-> param path: torch ModuleList/Sequential entries `name.<i>` <-> `name_<i>`, `weight` ->
     `kernel` (Linear, Conv2d) or `scale` (norms), `bias` stays; raw parameters keep their key as a 1-tuple path.
@@ -29,7 +29,7 @@ Flat = dict[tuple[str, ...], Any]
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """A model's module names for the key rule (§8.5)."""
+  """A model's module names for the key rule (docs/layouts.md, "Naming")."""
   raw: tuple[str, ...] = ()      # top-level parameters: key `name` <-> path ('name',), copied
   norms: tuple[str, ...] = ()    # modules whose `weight` is `scale`
   convs: tuple[str, ...] = ()    # Conv2d modules; every other `kernel` is a Linear one
@@ -247,7 +247,7 @@ class Taker:
     return {k: v for k, v in self.src.items() if k not in self.used}
 
 
-# ---- fused attention projections (§9.1) -----------------------------------------------------------------------
+# ---- fused attention projections (docs/layouts.md) -----------------------------------------------------------------------
 def split_heads(weight: np.ndarray, bias: np.ndarray, num_heads: int, head_dim: int, k: int = 3):
   """Per-head interleaved fused projection -> k separate ones.
 

@@ -1,6 +1,6 @@
 """PyTorch <-> unclip_jax weight conversion for the decoder/upsampler UNet and the unCLIP text projection.
 
-Layouts (ARCHITECTURE.md §8.2-8.3, §8.5, §9.1, §9.3-9.4, §10.3):
+Layouts (docs/layouts.md, "Text projection and UNet", "Karlo decoder", "GLIDE"):
   * diffusers `UNet2DConditionModel` (Karlo decoder, GLIDE trunk), `UNet2DModel` (Karlo super-res) and
     `UnCLIPTextProjModel`: folders with `config.json` + `diffusion_pytorch_model.safetensors` as `save_pretrained`
     writes them. Keys mirror our module names (`down_blocks.1.attentions.0.to_out.0.weight` ↔
@@ -21,16 +21,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from unclip_jax.ckpt import torch_layout as tl
-from unclip_jax.ckpt.torch_layout import (CONFIG_NAME, DIFFUSERS_VERSION, SAFETENSORS_NAME, Params,  # noqa: F401
+from unclip_jax.convert import torch_layout as tl
+from unclip_jax.convert.torch_layout import (CONFIG_NAME, DIFFUSERS_VERSION, SAFETENSORS_NAME, Params,  # noqa: F401
                                           join_heads, load_torch_state, read_safetensors, split_heads)
 from unclip_jax.models import text_proj as text_proj_lib
-from unclip_jax.models import unet as unet_lib
+from unclip_jax.stages import builders
 
-# One key rule for the UNet and the text projection (§8.5).
+# One key rule for the UNet and the text projection (docs/layouts.md, "Naming").
 _LAYOUT = tl.Layout(
     raw=("learned_classifier_free_guidance_embeddings",),
     norms=("norm1", "norm2", "group_norm", "conv_norm_out", "text_encoder_hidden_states_norm"),
@@ -52,11 +53,11 @@ _PLAIN_FIXED = dict(act_fn="silu", norm_eps=1e-5, time_embedding_type="positiona
 
 
 # ---- configs --------------------------------------------------------------------------------------------------
-def _conditioning_for(in_channels: int) -> str:
-  for name in unet_lib.CONDITIONINGS:
-    if unet_lib.input_channels(3, name) == in_channels:
+def conditioning_for(in_channels: int) -> str:
+  for name in builders.CONDITIONINGS:
+    if builders.input_channels(3, name) == in_channels:
       return name
-  raise ValueError(f"in_channels={in_channels} matches no conditioning option {unet_lib.CONDITIONINGS} "
+  raise ValueError(f"in_channels={in_channels} matches no conditioning option {builders.CONDITIONINGS} "
                    f"(3, 6, 7 or 10 channels for RGB)")
 
 
@@ -121,24 +122,25 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
       image_size=sample_size if isinstance(sample_size, int) else None,
       in_channels=in_channels, out_channels=int(config.get("out_channels", 3)),
-      conditioning=_conditioning_for(in_channels),
+      conditioning=conditioning_for(in_channels),
       block_out_channels=chans, layers_per_block=int(layers), attention_levels=levels,
       mid_block_attention=mid_attention, head_dim=int(head_dim) if head_dim is not None else 64,
       cross_attention_dim=cross, time_scale_shift=shift, class_embed_type=class_embed,
       norm_num_groups=int(config.get("norm_num_groups", 32)), dropout=float(config.get("dropout", 0.0)),
       flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)), freq_shift=float(config.get("freq_shift", 0)),
-      center_input_sample=bool(config.get("center_input_sample", False))))
+      center_input_sample=bool(config.get("center_input_sample", False)), time_embed_dim=None,
+      attention="auto"))
 
 
 def diffusers_config_from_unet(model_cfg) -> dict[str, Any]:
   """Our UNet `model` block -> diffusers config.json dict (`UNet2DConditionModel` when it has attention or a
   class embedding, else `UNet2DModel`)."""
-  m = unet_lib.from_config(model_cfg)
+  m = builders.unet(model_cfg)
   chans, levels = list(m.block_out_channels), list(m.attention_levels)
   down = [("SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D") for a in levels]
   up = [("SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D") for a in levels[::-1]]
   freq_shift = int(m.freq_shift) if float(m.freq_shift).is_integer() else m.freq_shift
-  common = {"_diffusers_version": DIFFUSERS_VERSION, "sample_size": model_cfg.get("image_size"),
+  common = {"_diffusers_version": DIFFUSERS_VERSION, "sample_size": model_cfg["image_size"],
             "in_channels": m.in_channels, "out_channels": m.out_channels,
             "center_input_sample": m.center_input_sample, "flip_sin_to_cos": m.flip_sin_to_cos,
             "freq_shift": freq_shift, "down_block_types": down, "up_block_types": up, "block_out_channels": chans,
@@ -157,6 +159,17 @@ def diffusers_config_from_unet(model_cfg) -> dict[str, Any]:
           "class_embed_type": None, "num_class_embeds": None}
 
 
+def text_proj_from_block(cfg, dtype=None) -> text_proj_lib.UnCLIPTextProj:
+  """The text projection of a text-proj block (diffusers names: clip_embeddings_dim, time_embed_dim, ...) or of a
+  decoder `model` block (clip_embedding_dim; time_embed_dim from the UNet)."""
+  if "clip_embeddings_dim" in cfg:
+    return text_proj_lib.UnCLIPTextProj(
+        clip_embeddings_dim=int(cfg["clip_embeddings_dim"]), time_embed_dim=int(cfg["time_embed_dim"]),
+        cross_attention_dim=int(cfg["cross_attention_dim"]),
+        clip_extra_context_tokens=int(cfg["clip_extra_context_tokens"]), dtype=jnp.dtype(dtype or "float32"))
+  return builders.text_proj(cfg, dtype=dtype)
+
+
 def text_proj_config_from_diffusers(config: Mapping[str, Any]) -> mlc.ConfigDict:
   """diffusers `UnCLIPTextProjModel` config.json -> text-proj block (clip_embeddings_dim, time_embed_dim, ...)."""
   cls = config.get("_class_name", "UnCLIPTextProjModel")
@@ -172,7 +185,7 @@ def text_proj_config_from_diffusers(config: Mapping[str, Any]) -> mlc.ConfigDict
 
 
 def diffusers_config_from_text_proj(cfg) -> dict[str, Any]:
-  m = text_proj_lib.from_config(cfg)
+  m = text_proj_from_block(cfg)
   return {"_class_name": "UnCLIPTextProjModel", "_diffusers_version": DIFFUSERS_VERSION,
           "clip_embeddings_dim": m.clip_embeddings_dim, "time_embed_dim": m.time_embed_dim,
           "cross_attention_dim": m.cross_attention_dim, "clip_extra_context_tokens": m.clip_extra_context_tokens}
@@ -180,11 +193,11 @@ def diffusers_config_from_text_proj(cfg) -> dict[str, Any]:
 
 # ---- diffusers state dicts ------------------------------------------------------------------------------------
 def unet_expected_shapes(model_cfg):
-  return tl.flat_shapes(unet_lib.abstract_params(unet_lib.from_config(model_cfg, dtype="float32", remat="none")))
+  return tl.flat_shapes(builders.abstract(builders.init_unet, builders.unet(model_cfg)))
 
 
 def text_proj_expected_shapes(cfg):
-  return tl.flat_shapes(text_proj_lib.abstract_params(text_proj_lib.from_config(cfg, dtype="float32")))
+  return tl.flat_shapes(builders.abstract(builders.init_text_proj, text_proj_from_block(cfg)))
 
 
 def diffusers_to_unet_params(state: Mapping[str, Any], model_cfg) -> Params:
@@ -242,8 +255,8 @@ KARLO_PREFIX = "model."
 
 
 def guided_module_map(model_cfg) -> list[tuple[str, str, str]]:
-  """(original module, diffusers module, kind) for every UNet module; kind in {'plain', 'res', 'attn'} (§9.3)."""
-  m = unet_lib.from_config(model_cfg)
+  """(original module, diffusers module, kind) for every UNet module; kind in {'plain', 'res', 'attn'} (docs/layouts.md, "Karlo decoder")."""
+  m = builders.unet(model_cfg)
   n, layers, att = m.num_levels, m.layers_per_block, tuple(m.attention_levels)
   out = [(o, d, "plain") for o, d in _TOP]
   k = 1
@@ -283,7 +296,7 @@ def guided_to_diffusers_state(state: Mapping[str, Any], model_cfg) -> tuple[dict
 
   Raises a ValueError naming a missing key. The caller decides whether leftovers are an error.
   """
-  m = unet_lib.from_config(model_cfg)
+  m = builders.unet(model_cfg)
   src = {k: tl.to_numpy(v, k) for k, v in state.items()}
   take, out = tl.Taker(src, "original UNet"), {}
   for orig, diff, kind in guided_module_map(model_cfg):
@@ -316,7 +329,7 @@ def guided_to_diffusers_state(state: Mapping[str, Any], model_cfg) -> tuple[dict
 
 def diffusers_to_guided_state(state: Mapping[str, np.ndarray], model_cfg) -> dict[str, np.ndarray]:
   """Inverse of `guided_to_diffusers_state` (attention weights re-interleaved, Conv1d axis added)."""
-  m = unet_lib.from_config(model_cfg)
+  m = builders.unet(model_cfg)
   out = {}
   for orig, diff, kind in guided_module_map(model_cfg):
     if kind == "plain":
@@ -389,7 +402,7 @@ KARLO_SR_MODELS = (("model_first_steps.", "super_res_first"), ("model_last_step.
 
 
 def karlo_sr_to_params(state: Mapping[str, Any], unet_cfg) -> dict[str, Params]:
-  """Karlo super-res `.ckpt` state dict -> {'super_res_first': params, 'super_res_last': params} (§9.4)."""
+  """Karlo super-res `.ckpt` state dict -> {'super_res_first': params, 'super_res_last': params} (docs/layouts.md, "Karlo decoder")."""
   state = _strip(state, KARLO_PREFIX)
   out = {}
   for prefix, name in KARLO_SR_MODELS:

@@ -1,11 +1,19 @@
-"""The 64² decoder's sampler (unCLIP §2.1): CLIP image embedding + text -> image, and inpainting.
+"""The 64² decoder stage (unCLIP §2.1): CLIP image embedding + text -> image, and inpainting.
+
+Everything about the stage but the Linen modules (`models/unet.py`, `models/text_proj.py`, `models/glide_text.py`):
+building them from the config, the training loss and task, the conditioning and null text both share, and the
+sampler.
+
+Training (`loss_fn`): hybrid loss (ε-MSE + λ·VLB with the learned variance), conditioned through the text
+projection; the CLIP image embedding is replaced by text_proj's learned CFG embedding with prob `clip_drop_prob`
+(10%) and the text by the null text (zeros, every token masked) with prob `text_drop_prob` (50%).
 
 Conditioning (`decoder_cond`): the text projection turns (image_emb, text_emb, text_enc, text_mask) into the
 UNet's keyword arguments (encoder_hidden_states [B', 4+L, Dc], class_labels [B', Temb], attention_mask [B', 4+L]).
 Under classifier-free guidance B' = 2B, laid out [uncond; cond] as diffusers' `UnCLIPPipeline` does:
   * the uncond image embedding is text_proj's learned CFG embedding;
-  * the uncond text is, by default, what training drops the text to (`train/stages.py::decoder_loss_fn`): zero
-    pooled embedding and token states, every text token masked. Pass `null_text` (a `prior_lib.TextCond`, e.g. the
+  * the uncond text is, by default, what training drops the text to (`loss_fn`): zero
+    pooled embedding and token states, every text token masked. Pass `null_text` (a `common.TextCond`, e.g. the
     CLIP encoding of the empty prompt "") to use diffusers'/Karlo's choice instead.
 A GLIDE text pathway (or any other) can hand `sample` its UNet kwargs directly (a Mapping, already [uncond; cond]).
 
@@ -23,7 +31,8 @@ Inpainting (mask 1 = known pixel), two ways, chosen by `inpaint_method`:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+import functools
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,15 +40,54 @@ import jax.numpy as jnp
 from unclip_jax.diffusion import samplers
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.models import unet as unet_lib
+from unclip_jax.models.glide_text import GlideTextEncoder
 from unclip_jax.models.text_proj import UnCLIPTextProj
-from unclip_jax.prior_lib import TextCond
+from unclip_jax.stages import builders, common
+from unclip_jax.stages.common import EMBEDDING_KEYS, IMAGE_CHANNELS, Task, TextCond
 
 Params = Any
-IMAGE_CHANNELS = 3
 INPAINT_METHODS = ("auto", "glide", "repaint")
-NULL_TEXTS = ("zeros", "empty_prompt")
 UNET_KWARGS = ("encoder_hidden_states", "class_labels", "attention_mask")
 DEFAULT_SETTINGS = samplers.SamplerSettings(guidance_scale=8.0, clip_range=1.0)
+
+
+class Models(NamedTuple):
+  """The decoder stage's modules: the UNet, its text pathway (text_proj, or GLIDE's text encoder when
+  `model.text_encoder == "glide"`; the other is None) and the Gaussian diffusion."""
+  unet: unet_lib.UNet
+  text_proj: UnCLIPTextProj | None
+  text_encoder: GlideTextEncoder | None
+  diffusion: GaussianDiffusion
+
+
+def build(cfg, *, dtype=None) -> Models:
+  """The stage's modules from a `configs/decoder.py` config (dtype: default the config's compute dtype)."""
+  dtype = dtype or cfg.dtype
+  pathway = cfg.model.text_encoder
+  if pathway not in builders.TEXT_ENCODERS:
+    raise ValueError(f"unknown model.text_encoder {pathway!r}; choose one of {builders.TEXT_ENCODERS}")
+  unet = builders.unet(cfg.model, dtype=dtype, remat=cfg.remat_policy)
+  diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+  common.check_output_channels(unet, diffusion, "decoder")
+  if pathway == "glide":
+    return Models(unet, None, builders.glide_text(cfg.model, dtype=dtype, remat=cfg.remat_policy), diffusion)
+  return Models(unet, builders.text_proj(cfg.model, dtype=dtype), None, diffusion)
+
+
+def init_params(models: Models, rng: jax.Array) -> Params:
+  """{"unet": ..., "text_proj": ...} (or {"unet", "text_encoder"} with the GLIDE pathway)."""
+  u_rng, t_rng = jax.random.split(rng)
+  params = {"unet": builders.init_unet(models.unet, u_rng)}
+  if models.text_proj is not None:
+    params["text_proj"] = builders.init_text_proj(models.text_proj, t_rng)
+  else:
+    params["text_encoder"] = builders.init_glide_text(models.text_encoder, t_rng)
+  return params
+
+
+def abstract_params(cfg) -> Params:
+  """Shapes/dtypes of the stage's params (nothing allocated)."""
+  return builders.abstract(init_params, build(cfg, dtype="float32"))
 
 
 class DecoderCond(NamedTuple):
@@ -54,27 +102,6 @@ class DecoderCond(NamedTuple):
   text_emb: jax.Array
   text_enc: jax.Array
   text_mask: jax.Array
-
-
-def zeros_null_text(batch: int, length: int, dim: int) -> TextCond:
-  """The training null (decoder_loss_fn's text drop): zero embedding and token states, every token masked."""
-  return TextCond(jnp.zeros((batch, dim), jnp.float32), jnp.zeros((batch, length, dim), jnp.float32),
-                  jnp.zeros((batch, length), bool))
-
-
-def _broadcast_null(null: TextCond, batch: int, length: int, dim: int) -> TextCond:
-  """A null for one example ([E], [L, E], [L]), batch 1, or the whole batch -> [batch] rows, shapes checked."""
-  def fix(x, shape, name):
-    x = jnp.asarray(x)
-    if x.ndim == len(shape) - 1:
-      x = x[None]
-    if x.ndim != len(shape) or x.shape[1:] != shape[1:] or x.shape[0] not in (1, batch):
-      raise ValueError(f"null_text {name} must be {list(shape[1:])} or {list(shape)}, got {tuple(x.shape)}")
-    return jnp.broadcast_to(x, shape)
-  if null.mask is None:
-    raise ValueError(f"null_text mask is required ([{length}] or [{batch}, {length}] bool)")
-  return TextCond(fix(null.emb, (batch, dim), "embedding"), fix(null.enc, (batch, length, dim), "token states"),
-                  fix(null.mask, (batch, length), "mask").astype(bool))
 
 
 def check_cond(text_proj: UnCLIPTextProj, cond: DecoderCond) -> tuple[int, int]:
@@ -113,7 +140,7 @@ def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_e
   emb, enc, mask = text_emb, text_enc, text_mask.astype(bool)
   if guidance:
     e = text_proj.clip_embeddings_dim
-    null = zeros_null_text(b, l, e) if null_text is None else _broadcast_null(null_text, b, l, e)
+    null = common.zeros_null_text(b, l, e) if null_text is None else common.broadcast_null(null_text, b, l, e)
     emb = jnp.concatenate([null.emb.astype(emb.dtype), emb])
     enc = jnp.concatenate([null.enc.astype(enc.dtype), enc])
     mask = jnp.concatenate([null.mask, mask])
@@ -124,29 +151,8 @@ def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_e
 
 # ---- inpainting inputs -------------------------------------------------------------------------------------------
 def conditioning_of(unet: unet_lib.UNet) -> str:
-  """"none" (3 input channels) or "inpaint" (GLIDE, 7); other decoders are not supported here."""
-  for name in ("none", "inpaint"):
-    if unet.in_channels == unet_lib.input_channels(IMAGE_CHANNELS, name):
-      return name
-  raise ValueError(f"decoder UNet has in_channels={unet.in_channels}; expected 3 (conditioning 'none') or 7 "
-                   "('inpaint': [x_t, image·mask, mask])")
-
-
-def check_inpaint(x_T: jax.Array, image: jax.Array | None, mask: jax.Array | None):
-  """Validates the inpainting inputs against x_T [B, H, W, C]. Returns (image [B, H, W, C], mask [B, H, W, 1])
-  as float32, or (None, None)."""
-  if (image is None) != (mask is None):
-    raise ValueError("pass both inpaint_image and inpaint_mask, or neither")
-  if image is None:
-    return None, None
-  b, hh, ww, c = x_T.shape
-  if tuple(image.shape) != (b, hh, ww, c):
-    raise ValueError(f"inpaint_image must be [B, H, W, C] = {[b, hh, ww, c]} (like x_T), got {tuple(image.shape)}")
-  if tuple(mask.shape) not in ((b, hh, ww, 1), (b, hh, ww)):
-    raise ValueError(f"inpaint_mask must be [B, H, W, 1] = {[b, hh, ww, 1]} or [B, H, W] = {[b, hh, ww]} "
-                     f"(1 = known pixel), got {tuple(mask.shape)}")
-  mask = mask.astype(jnp.float32)
-  return image.astype(jnp.float32), (mask[..., None] if mask.ndim == 3 else mask)
+  """"none" (3 input channels) or "inpaint" (GLIDE, 7: [x_t, image·mask, mask])."""
+  return common.conditioning_of(unet, ("none", "inpaint"), "decoder")
 
 
 def _tile_rows(x: jax.Array | None, rows: int) -> jax.Array | None:
@@ -175,7 +181,7 @@ def model_fn_for(unet: unet_lib.UNet, unet_params: Params, cond: Mapping[str, ja
 
   def fn(x, t):
     if conditioning == "inpaint":
-      x = unet_lib.model_input(x, conditioning="inpaint", inpaint_image=_tile_rows(inpaint_image, x.shape[0]),
+      x = common.model_input(x, conditioning="inpaint", inpaint_image=_tile_rows(inpaint_image, x.shape[0]),
                                inpaint_mask=_tile_rows(inpaint_mask, x.shape[0]))
     return unet.apply({"params": unet_params}, x, t, **kwargs)
   return fn
@@ -210,13 +216,11 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
   """
   if x_T.ndim != 4 or x_T.shape[-1] != IMAGE_CHANNELS:
     raise ValueError(f"x_T must be [B, H, W, {IMAGE_CHANNELS}] (NHWC), got {tuple(x_T.shape)}")
-  if unet.out_channels != diffusion.output_channels(IMAGE_CHANNELS):
-    raise ValueError(f"decoder out_channels={unet.out_channels} but variance {diffusion.variance!r} needs "
-                     f"{diffusion.output_channels(IMAGE_CHANNELS)}")
+  common.check_output_channels(unet, diffusion, "decoder")
   if inpaint_method not in INPAINT_METHODS:
     raise ValueError(f"unknown inpaint_method {inpaint_method!r}; choose one of {INPAINT_METHODS}")
   conditioning = conditioning_of(unet)
-  image, mask = check_inpaint(x_T, inpaint_image, inpaint_mask)
+  image, mask = common.check_inpaint(x_T, inpaint_image, inpaint_mask)
   guidance = settings.guidance_scale != 1.0
   b = x_T.shape[0]
   if isinstance(cond, DecoderCond):
@@ -242,20 +246,15 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     raise ValueError("inpaint_method='glide' needs a UNet with the inpaint channels (conditioning='inpaint', "
                      "7 input channels); use 'repaint' for this model")
   model_fn = model_fn_for(unet, params["unet"], kwargs, inpaint_image=image, inpaint_mask=mask)
-  common = dict(diffusion=diffusion, steps=steps, settings=settings, progress=progress, sharding=sharding)
+  shared = dict(diffusion=diffusion, steps=steps, settings=settings, progress=progress, sharding=sharding)
   if image is None:
-    x0 = samplers.sample(model_fn, x_T, rng, **common)
+    x0 = samplers.sample(model_fn, x_T, rng, **shared)
   elif method == "glide":
-    x0 = samplers.sample(model_fn, x_T, rng, denoised_fn=samplers.paste_known(image, mask), **common)
+    x0 = samplers.sample(model_fn, x_T, rng, denoised_fn=samplers.paste_known(image, mask), **shared)
   else:
     x0 = samplers.repaint_sample(model_fn, x_T, rng, known=image, mask=mask, resample_jumps=resample_jumps,
-                                 **common)
+                                 **shared)
   return jnp.clip(x0, -1.0, 1.0)
-
-
-def settings_from_config(cfg) -> samplers.SamplerSettings:
-  """SamplerSettings from the decoder config's `sampling` block."""
-  return samplers.SamplerSettings.from_config(cfg.sampling)
 
 
 def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
@@ -263,16 +262,14 @@ def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
                  sharding=None):
   """A jitted `(params, cond, x_T, rng, null_text=None, inpaint_image=None, inpaint_mask=None) -> [B, H, W, 3]`.
 
-  Uses cfg.sampling (steps, sampler, guidance, clipping; optional `inpaint_method` "auto" and `resample_jumps` 1)
-  and cfg.null_text ("zeros" default; "empty_prompt" requires `null_text`, the CLIP encoding of "").
+  Uses cfg.sampling (steps, sampler, guidance, clipping, `inpaint_method`, `resample_jumps`) and cfg.null_text
+  ("zeros"; "empty_prompt" requires `null_text`, the CLIP encoding of "").
   """
   diffusion = diffusion or GaussianDiffusion.from_config(cfg.diffusion)
-  settings = settings_from_config(cfg)
-  null_choice = cfg.get("null_text", "zeros")
-  if null_choice not in NULL_TEXTS:
-    raise ValueError(f"unknown null_text {null_choice!r}; choose one of {NULL_TEXTS}")
-  inpaint_method = cfg.sampling.get("inpaint_method", "auto")
-  resample_jumps = int(cfg.sampling.get("resample_jumps", 1))
+  settings = common.sampler_settings(cfg)
+  null_choice = common.check_null_text(cfg.null_text)
+  inpaint_method = cfg.sampling.inpaint_method
+  resample_jumps = int(cfg.sampling.resample_jumps)
 
   def run(params, cond, x_T, rng, null_text=None, inpaint_image=None, inpaint_mask=None):
     if (null_text is None and null_choice == "empty_prompt" and settings.guidance_scale != 1.0
@@ -283,3 +280,62 @@ def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
                   inpaint_mask=inpaint_mask, inpaint_method=inpaint_method, resample_jumps=resample_jumps,
                   progress=progress, sharding=sharding)
   return jax.jit(run)
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+def loss_fn(params, batch, rng, *, unet, text_proj, diffusion: GaussianDiffusion, clip_drop_prob: float,
+            text_drop_prob: float):
+  """Decoder loss: hybrid (ε-MSE + λ·VLB) on images x0 [B, H, W, 3], conditioned through the text projection.
+
+  The CLIP image embedding is replaced by the learned CFG embedding with prob `clip_drop_prob`; the text (token
+  states, pooled embedding and mask) by zeros / an all-False mask with prob `text_drop_prob`, the null the
+  sampler's unconditional branch uses.
+  """
+  x0 = batch["image"]
+  b = x0.shape[0]
+  t_rng, noise_rng, clip_rng, text_rng, dropout_rng = jax.random.split(rng, 5)
+  drop_image = jax.random.bernoulli(clip_rng, clip_drop_prob, (b,))
+  drop_text = jax.random.bernoulli(text_rng, text_drop_prob, (b,))
+  keep = lambda x: jnp.where(drop_text.reshape((b,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x)
+  cond = text_proj.apply({"params": params["text_proj"]}, image_embeddings=batch["image_emb"],
+                         prompt_embeds=keep(batch["text_emb"]), text_encoder_hidden_states=keep(batch["text_enc"]),
+                         text_mask=keep(batch["text_mask"]).astype(bool), do_classifier_free_guidance=False,
+                         drop_image=drop_image, method=type(text_proj).conditioning)
+  t = diffusion.sample_timesteps(t_rng, b)
+  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
+  x_t = diffusion.q_sample(x0, t, noise)
+  out = unet.apply({"params": params["unet"]}, x_t, t, deterministic=False, rngs={"dropout": dropout_rng}, **cond)
+  terms = diffusion.loss_terms(out, x0, x_t, t, noise)
+  loss = jnp.mean(terms["loss"])
+  return loss, {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms.get("vb", terms["mse"]))}
+
+
+def make_task(cfg, *, data: Iterator[dict] | None = None, eval_data: Iterator[dict] | None = None,
+              mesh=None) -> Task:
+  """The decoder on images + their precomputed CLIP embeddings. Evaluation: samples for held examples' CLIP
+  embeddings beside the real images, and their MSE. (`mesh` is unused: every task takes it.)"""
+  del mesh
+  if cfg.model.text_encoder != "text_proj":
+    raise ValueError(f"decoder training conditions through text_proj on precomputed CLIP embeddings; "
+                     f"model.text_encoder={cfg.model.text_encoder!r} is supported for import and sampling only")
+  models = build(cfg)
+  keys = ("image",) + EMBEDDING_KEYS
+  data = data if data is not None else common.data_iterator(cfg, cfg.model.image_size)
+
+  evaluate = None
+  held = common.eval_batch(cfg, eval_data, cfg.model.image_size, keys)
+  if held is not None:
+    sampler = make_sampler(cfg, models.unet, models.text_proj, models.diffusion)
+    cond = DecoderCond(held["image_emb"], held["text_emb"], held["text_enc"], held["text_mask"])
+    x_T = jax.random.normal(jax.random.key(cfg.seed + 2), held["image"].shape)
+
+    def evaluate(params):
+      """Samples for the held examples' CLIP embeddings, shown beside the real images (top row)."""
+      images = sampler(params, cond, x_T, jax.random.key(cfg.seed + 3))
+      return {"samples": jnp.concatenate([held["image"], images]),
+              "sample_mse": jnp.mean((images - held["image"]) ** 2)}
+
+  loss = functools.partial(loss_fn, unet=models.unet, text_proj=models.text_proj, diffusion=models.diffusion,
+                           clip_drop_prob=cfg.clip_drop_prob, text_drop_prob=cfg.text_drop_prob)
+  return Task(init_params=lambda rng: init_params(models, rng), loss_fn=loss,
+              data=common.MappedIterator(data, lambda b: common.select(b, keys)), evaluate=evaluate)

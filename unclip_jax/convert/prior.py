@@ -1,6 +1,6 @@
 """PyTorch <-> unclip_jax weight conversion for the diffusion prior, both directions.
 
-Layouts (ARCHITECTURE.md §8.1, §8.5, §9.1-9.2):
+Layouts (docs/layouts.md, "Prior"):
   * diffusers `PriorTransformer`: a folder with `config.json` + `diffusion_pytorch_model.safetensors`, as
     `save_pretrained` writes it. Keys mirror our module names (`transformer_blocks.3.attn1.to_out.0.weight` ↔
     `transformer_blocks_3/attn1/to_out_0/kernel`); Linear weights are transposed, LayerNorm `weight` is `scale`.
@@ -21,10 +21,10 @@ from typing import Any, Mapping
 import ml_collections as mlc
 import numpy as np
 
-from unclip_jax.ckpt import torch_layout as tl
-from unclip_jax.ckpt.torch_layout import (CONFIG_NAME, SAFETENSORS_NAME, Params, join_heads,  # noqa: F401
+from unclip_jax.convert import torch_layout as tl
+from unclip_jax.convert.torch_layout import (CONFIG_NAME, SAFETENSORS_NAME, Params, join_heads,  # noqa: F401
                                           read_safetensors, split_heads)
-from unclip_jax.models import prior as prior_lib
+from unclip_jax.stages import builders, prior as prior_stage
 
 KARLO_PREFIX = "model."
 # diffusers PriorTransformer options whose non-default values we do not implement (Karlo uses the defaults).
@@ -52,28 +52,27 @@ def model_config_from_diffusers(config: Mapping[str, Any]) -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
       embedding_dim=e, num_embeddings=config.get("num_embeddings", 77), num_layers=config.get("num_layers", 20),
       num_heads=heads, head_dim=head_dim, additional_embeddings=config.get("additional_embeddings", 4),
-      normalization="clip_stats", dropout=float(config.get("dropout", 0.0))))
+      normalization="clip_stats", dropout=float(config.get("dropout", 0.0)), scan_layers=False))
 
 
 def diffusers_config_from_model(model_cfg) -> dict[str, Any]:
   """Our `model` block -> diffusers `PriorTransformer` config.json dict."""
-  if model_cfg.get("normalization", "clip_stats") != "clip_stats":
+  if model_cfg["normalization"] != "clip_stats":
     raise ValueError("only normalization='clip_stats' has a diffusers equivalent (post_process_latents)")
   return {"_class_name": "PriorTransformer", "_diffusers_version": tl.DIFFUSERS_VERSION,
           "num_attention_heads": model_cfg.num_heads, "attention_head_dim": model_cfg.head_dim,
           "num_layers": model_cfg.num_layers, "embedding_dim": model_cfg.embedding_dim,
           "num_embeddings": model_cfg.num_embeddings,
-          "additional_embeddings": model_cfg.get("additional_embeddings", 4),
-          "dropout": float(model_cfg.get("dropout", 0.0)), **_DIFFUSERS_FIXED_OPTIONS,
+          "additional_embeddings": model_cfg["additional_embeddings"],
+          "dropout": float(model_cfg["dropout"]), **_DIFFUSERS_FIXED_OPTIONS,
           "time_embed_dim": None, "embedding_proj_dim": None, "clip_embed_dim": None}
 
 
 def _abstract_flat(model_cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Shapes of the looped (unscanned) tree: the layout every converter reads and writes."""
-  if model_cfg.get("scan_layers", False):
+  if model_cfg["scan_layers"]:
     model_cfg = mlc.ConfigDict({**model_cfg.to_dict(), "scan_layers": False})
-  model = prior_lib.from_config(model_cfg, dtype="float32", remat=False)
-  return tl.flat_shapes(prior_lib.abstract_params(model))
+  return tl.flat_shapes(builders.abstract(builders.init_prior, builders.prior(model_cfg)))
 
 
 # ---- diffusers state dicts ------------------------------------------------------------------------------------
@@ -86,10 +85,10 @@ def params_to_diffusers(params: Params, model_cfg=None) -> dict[str, np.ndarray]
   """Our params -> diffusers state dict (float32 numpy, torch layouts). Checks the tree if model_cfg is given.
 
   Scanned trees (`scan_layers=True`) are unstacked first; imports always return the looped layout
-  (`prior.stack_blocks` converts).
+  (`stages.prior.stack_blocks` converts).
   """
   if "transformer_blocks" in params:
-    params = prior_lib.unstack_blocks(params)
+    params = prior_stage.unstack_blocks(params)
   return tl.params_to_state(params, None if model_cfg is None else _abstract_flat(model_cfg), _LAYOUT)
 
 

@@ -1,10 +1,10 @@
 """Evaluation of an unCLIP trained on the captioned-shapes data: prompt adherence and CLIP scores.
 
-  python -m unclip_jax.eval_shapes --bundle B --data DATASET_DIR [--classifier PATH] [--n-prompts 96]
+  python -m unclip_jax.shapes.evaluate --bundle B --data DATASET_DIR [--classifier PATH] [--n-prompts 96]
       [--seed 0 | --seeds 0,1,2] [--batch-size 24] [--holdout "red triangle,green circle"] [--out report.json]
 
 1. An attribute classifier (small linen CNN, three softmax heads: colour 8, shape 3, background 8) is trained with
-   optax on real images of a shapes dataset (`python -m unclip_jax.data.shapes`); the last fifth (at most
+   optax on real images of a shapes dataset (`python -m unclip_jax.shapes.data`); the last fifth (at most
    `n_val`) of the dataset is its validation split, and its per-head validation accuracy is reported. It is also
    checked on freshly drawn images of the held-out colour×shape pairs, which a dataset with a holdout never shows
    it. `--classifier PATH` keeps it as PATH/classifier.json + PATH/params.safetensors (trained there if missing).
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from unclip_jax.data import shapes
+from unclip_jax.shapes import data as shapes
 
 HEADS = {"colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES), "background": len(shapes.COLOURS)}
 HEAD_NAMES = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "background": shapes.COLOUR_NAMES}
@@ -182,7 +182,7 @@ def load_real(data_dir, indices: Sequence[int]) -> tuple[np.ndarray, dict[str, n
   missing = [k for k in (*HEADS, "image", "caption") if k not in features]
   if missing:
     raise ValueError(f"{data_dir} is not a shapes dataset: it lacks feature(s) {missing} "
-                     f"(write one with `python -m unclip_jax.data.shapes`)")
+                     f"(write one with `python -m unclip_jax.shapes.data`)")
   images, labels, captions = [], {k: [] for k in HEADS}, []
   for i in indices:
     ex = source[int(i)]
@@ -329,7 +329,7 @@ def load_classifier(path) -> Classifier:
   import jax.numpy as jnp
 
   from unclip_jax import bundle
-  from unclip_jax.ckpt import torch_layout
+  from unclip_jax.convert import torch_layout
 
   path = pathlib.Path(path)
   if not classifier_exists(path):
@@ -438,7 +438,7 @@ def clip_score(pipe, images: np.ndarray, texts: Sequence[str], batch_size: int =
   """100·cos(CLIP image embedding, CLIP text embedding) per (image, text) pair with the pipeline's CLIP -> [N]."""
   import jax.numpy as jnp
 
-  from unclip_jax.models import clip_zeroshot
+  from unclip_jax.stages import clip as clip_stage
 
   if len(images) != len(texts):
     raise ValueError(f"{len(images)} images but {len(texts)} texts")
@@ -446,7 +446,7 @@ def clip_score(pipe, images: np.ndarray, texts: Sequence[str], batch_size: int =
   for start in range(0, len(texts), batch_size):
     img = np.asarray(pipe.encode_image(list(images[start:start + batch_size])))
     txt = np.asarray(pipe.encode_text(list(texts[start:start + batch_size])).emb)
-    out.append(np.asarray(clip_zeroshot.clip_scores(jnp.asarray(txt), jnp.asarray(img)[:, None]))[:, 0])
+    out.append(np.asarray(clip_stage.clip_scores(jnp.asarray(txt), jnp.asarray(img)[:, None]))[:, 0])
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
@@ -575,10 +575,10 @@ def format_table(report: Mapping[str, Any]) -> str:
 def parser() -> argparse.ArgumentParser:
   from unclip_jax import sample
 
-  p = argparse.ArgumentParser(prog="python -m unclip_jax.eval_shapes", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog="python -m unclip_jax.shapes.evaluate", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   p.add_argument("--bundle", default=None, help="model bundle folder (default: the embedded model)")
-  p.add_argument("--data", required=True, help="shapes dataset dir (python -m unclip_jax.data.shapes)")
+  p.add_argument("--data", required=True, help="shapes dataset dir (python -m unclip_jax.shapes.data)")
   p.add_argument("--classifier", default=None, help="classifier folder; trained and saved there if missing")
   p.add_argument("--classifier-data", default=None, help="dataset to train the classifier on (default --data)")
   p.add_argument("--classifier-steps", type=int, default=400)

@@ -1,12 +1,12 @@
 """GLIDE text-encoder weights (the non-UNet keys of a `Text2ImUNet` state dict) <-> `GlideTextEncoder` params.
 
-Keys (ARCHITECTURE.md §10.2), exactly the remainder `convert_unet.glide_to_params` returns:
+Keys (docs/layouts.md, "GLIDE"), exactly the remainder `convert_unet.glide_to_params` returns:
   token_embedding.weight (n_vocab, W)             -> token_embedding/embedding                 copy
   positional_embedding, padding_embedding (ctx, W) -> same names (raw parameters)             copy
   transformer.resblocks.{i}.ln_1 / ln_2 / final_ln  -> .../scale, .../bias                      copy
   transformer.resblocks.{i}.attn.c_qkv (3W, W), attn.c_proj, mlp.c_fc, mlp.c_proj, transformer_proj
                                                    -> .../kernel (.T), .../bias
-`c_qkv` keeps GLIDE's per-head interleaved row order [q_h0, k_h0, v_h0, q_h1, ...] (§9.1): the module splits its
+`c_qkv` keeps GLIDE's per-head interleaved row order [q_h0, k_h0, v_h0, q_h1, ...] (docs/layouts.md, "Fused projections"): the module splits its
 output per head (`glide_text.split_qkv`), so import and export are plain transposes. A missing, unexpected or
 mis-shaped key raises a ValueError naming it. Whole-checkpoint helpers split a GLIDE file into UNet trunk
 (`convert_unet`) and text encoder.
@@ -19,10 +19,11 @@ from typing import Any, Mapping
 import ml_collections as mlc
 import numpy as np
 
-from unclip_jax.ckpt import convert_unet
-from unclip_jax.ckpt import torch_layout as tl
-from unclip_jax.ckpt.torch_layout import Params
+from unclip_jax.convert import unet as convert_unet
+from unclip_jax.convert import torch_layout as tl
+from unclip_jax.convert.torch_layout import Params
 from unclip_jax.models import glide_text
+from unclip_jax.stages import builders
 
 WHAT = "GLIDE text encoder"
 _LAYOUT = tl.Layout(raw=("positional_embedding", "padding_embedding"), norms=("ln_1", "ln_2", "final_ln"),
@@ -45,9 +46,20 @@ def _torch_shape(shape: tuple[int, ...], path: tuple[str, ...]) -> tuple[int, ..
   return tuple(shape[::-1]) if path[-1] == "kernel" else tuple(shape)
 
 
+def text_encoder(cfg) -> glide_text.GlideTextEncoder:
+  """The text encoder of a text block (`config_from_state_dict`: xf_* fields, n_vocab, text_ctx, time_embed_dim)
+  or of a decoder `model` block (time_embed_dim None -> 4·block_out_channels[0])."""
+  if "block_out_channels" in cfg:
+    return builders.glide_text(cfg)
+  return glide_text.GlideTextEncoder(
+      n_vocab=int(cfg["n_vocab"]), text_ctx=int(cfg["text_ctx"]), xf_width=int(cfg["xf_width"]),
+      xf_layers=int(cfg["xf_layers"]), xf_heads=int(cfg["xf_heads"]), xf_final_ln=bool(cfg["xf_final_ln"]),
+      xf_padding=bool(cfg["xf_padding"]), time_embed_dim=int(cfg["time_embed_dim"]))
+
+
 def expected_shapes(cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{param path: shape} of `GlideTextEncoder` built from `cfg` (glide_text.from_config)."""
-  return tl.flat_shapes(glide_text.abstract_params(glide_text.from_config(cfg, dtype="float32", remat=False)))
+  """{param path: shape} of the `GlideTextEncoder` that `cfg` describes (see `text_encoder`)."""
+  return tl.flat_shapes(builders.abstract(builders.init_glide_text, text_encoder(cfg)))
 
 
 def text_params_from_state_dict(state: Mapping[str, Any], cfg) -> Params:
@@ -55,7 +67,7 @@ def text_params_from_state_dict(state: Mapping[str, Any], cfg) -> Params:
 
   Args:
     state: exactly the text-encoder keys (e.g. the remainder of `convert_unet.glide_to_params`).
-    cfg: decoder model block / text block with the xf_* settings (see `glide_text.from_config`).
+    cfg: decoder model block / text block with the xf_* settings (see `text_encoder`).
   Raises:
     ValueError naming an unexpected, mis-shaped or missing key, or a non-float tensor.
   """
@@ -91,7 +103,7 @@ def config_from_state_dict(state: Mapping[str, Any], heads: int | None = None) -
   Width, vocabulary, context, depth, final_ln / padding presence and xf_proj width come from the shapes; the
   head count cannot (c_qkv is (3W, W) for any split), so it is `heads` or W / 64 (GLIDE's head width).
   Returns a ConfigDict with text_ctx, xf_width, xf_layers, xf_heads, xf_final_ln, xf_padding, n_vocab and
-  time_embed_dim, accepted by `glide_text.from_config`.
+  time_embed_dim, accepted by `text_encoder`.
   """
   shape = lambda key: tuple(np.shape(state[key])) if key in state else None
   for key in (_EMBED_KEY, "positional_embedding", "transformer_proj.weight"):
@@ -135,3 +147,41 @@ def params_to_glide(unet_params: Params, text_params: Params, model_cfg) -> dict
 def load_glide(path, model_cfg) -> tuple[Params, Params]:
   """GLIDE `base.pt` / `base_inpaint.pt` / ... -> (UNet trunk params, text-encoder params)."""
   return glide_to_params(tl.load_torch_state(path), model_cfg)
+
+
+# ---- the UNet trunk's fields -----------------------------------------------------------------------------------
+def guided_unet_config(state: Mapping[str, Any], *, head_dim: int = 64, norm_num_groups: int = 32) -> dict:
+  """UNet model fields of a guided-diffusion (GLIDE) state dict, from its shapes.
+
+  Levels are delimited by the upsampling ResBlock closing each output level; channels, attention, cross-attention
+  width and the time-shift kind follow from tensor shapes. Head width and GroupNorm groups are not in the weights.
+  """
+  shape = lambda k: tuple(np.shape(state[k]))
+  for key in ("input_blocks.0.0.weight", "out.2.weight", "time_embed.0.weight", "output_blocks.0.0.in_layers.0.weight"):
+    if key not in state:
+      raise ValueError(f"not a guided-diffusion UNet state dict: missing key {key!r}")
+  c0, in_ch = shape("input_blocks.0.0.weight")[:2]
+  levels, current, k = [], [], 0
+  while f"output_blocks.{k}.0.in_layers.0.weight" in state:
+    attn = f"output_blocks.{k}.1.qkv.weight" in state
+    current.append((shape(f"output_blocks.{k}.0.out_layers.3.weight")[0], attn))
+    if f"output_blocks.{k}.{2 if attn else 1}.in_layers.0.weight" in state:      # the level's upsampler
+      levels.append(current)
+      current = []
+    k += 1
+  levels.append(current)
+  if len({len(level) for level in levels}) != 1 or len(levels[0]) < 1:
+    raise ValueError(f"output blocks do not split into equal levels: {[len(level) for level in levels]}")
+  chans, attention = tuple(level[0][0] for level in levels[::-1]), tuple(level[0][1] for level in levels[::-1])
+  attn_keys = [key for key in state if key.endswith(".encoder_kv.weight")]
+  temb = shape("time_embed.0.weight")[0]
+  if temb != 4 * c0:
+    raise ValueError(f"time embedding width {temb} != 4·model_channels ({4 * c0}): not supported")
+  emb_rows = shape("input_blocks.1.0.emb_layers.1.weight")[0]
+  return dict(in_channels=int(in_ch), out_channels=int(shape("out.2.weight")[0]),
+              conditioning=convert_unet.conditioning_for(int(in_ch)), block_out_channels=tuple(map(int, chans)),
+              layers_per_block=len(levels[0]) - 1, attention_levels=attention,
+              mid_block_attention="middle_block.1.qkv.weight" in state, head_dim=head_dim,
+              cross_attention_dim=int(shape(attn_keys[0])[1]) if attn_keys else None, class_embed_type="identity",
+              time_scale_shift="scale_shift" if emb_rows == 2 * chans[0] else "default",
+              norm_num_groups=norm_num_groups)

@@ -16,7 +16,7 @@ error naming it, never a silent skip. Non-parameter buffers some files carry (`p
 `causal_mask`/`cf_token`/`cf_mask`) are listed as ignored.
 
 Sizes come from the source files (config.json, or tensor shapes for GLIDE); stage settings (diffusion, sampling,
-training fields) from `configs/<stage>.py` variants: karlo for the prior (25 steps, guidance 4, x̂0 clamp 5) and
+training fields) from the built-in `configs/<stage>.py` variants: karlo for the prior (25 steps, guidance 4, x̂0 clamp 5) and
 the decoder (25 steps, guidance 8), karlo_64_256 for super-res (7 steps), vit_l14 for CLIP, glide for GLIDE.
 A diffusers `scheduler_config.json` next to a component overrides the schedule fields it sets. Karlo imports set
 `null_text="empty_prompt"` on the prior and decoder: Karlo trained, and diffusers samples, the unconditional branch
@@ -37,10 +37,9 @@ import ml_collections as mlc
 import numpy as np
 
 from unclip_jax import bundle, config_lib
-from unclip_jax.ckpt import convert_clip, convert_prior, convert_unet
-from unclip_jax.ckpt import torch_layout as tl
+from unclip_jax.convert import clip as convert_clip, prior as convert_prior, unet as convert_unet
+from unclip_jax.convert import torch_layout as tl
 
-CONFIG_DIR_ENV = "UNCLIP_JAX_CONFIGS"
 KARLO_FOLDERS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last", "text_encoder",
                  "image_encoder")
 _BUFFERS = re.compile(r"(^|\.)(position_ids|causal_mask|cf_token|cf_mask)$")
@@ -81,21 +80,9 @@ def _report(name: str, source: Mapping[str, Any] | int, params, note: str = "") 
 
 
 # ---- stage configs ----------------------------------------------------------------------------------------------
-def config_dir() -> pathlib.Path:
-  """`configs/` of this checkout ($UNCLIP_JAX_CONFIGS overrides)."""
-  d = pathlib.Path(os.environ.get(CONFIG_DIR_ENV) or pathlib.Path(__file__).resolve().parent.parent / "configs")
-  if not d.is_dir():
-    raise FileNotFoundError(f"stage config directory not found: {d} (set ${CONFIG_DIR_ENV})")
-  return d
-
-
 def stage_config(spec: str) -> mlc.ConfigDict:
-  """'prior.py:karlo' (inside config_dir()) or 'path/to/x.py:variant' -> an unlocked ConfigDict."""
-  path, sep, variant = spec.partition(":")
-  if not os.path.isfile(path):
-    path = os.fspath(config_dir() / path)
-  cfg = config_lib.load_config(path + (sep + variant if sep else ""))
-  return mlc.ConfigDict(cfg.to_dict())
+  """'prior.py:karlo' / 'prior:karlo' (a built-in config) or 'path/to/x.py:variant' -> an unlocked ConfigDict."""
+  return mlc.ConfigDict(config_lib.load_config(spec).to_dict())
 
 
 def _with_model(cfg: mlc.ConfigDict, **fields) -> mlc.ConfigDict:
@@ -111,7 +98,7 @@ def _apply_scheduler(cfg: mlc.ConfigDict, folder: pathlib.Path) -> str:
   path = folder / "scheduler_config.json"
   if not path.is_file():
     return ""
-  d = bundle._read_json(path, "scheduler config")
+  d = bundle.read_json(path, "scheduler config")
   if d.get("_class_name", "UnCLIPScheduler") != "UnCLIPScheduler":
     raise ValueError(f"{path}: only UnCLIPScheduler configs are understood, got {d.get('_class_name')!r}")
   if d.get("beta_schedule", "squaredcos_cap_v2") != "squaredcos_cap_v2":
@@ -262,15 +249,16 @@ def _upsampler_stage(unet_block, base: str, *, image_size, low_res_size) -> mlc.
 
 
 def _check_consistent(cfgs: Mapping[str, mlc.ConfigDict]) -> None:
-  """The widths the pipeline chains must agree (ARCHITECTURE.md §13 consistency constraints)."""
+  """The widths the pipeline chains must agree: CLIP's projection = the prior's and decoder's embedding width, and
+  CLIP's context length = the prior's text tokens."""
   widths, lengths = {}, {}
-  if "clip" in cfgs and cfgs["clip"].model.get("text") is not None:
+  if "clip" in cfgs and cfgs["clip"].model.text is not None:
     widths["clip projection_dim"] = cfgs["clip"].model.projection_dim
     lengths["clip context_length"] = cfgs["clip"].model.text.context_length
   if "prior" in cfgs:
     widths["prior embedding_dim"] = cfgs["prior"].model.embedding_dim
     lengths["prior num_embeddings"] = cfgs["prior"].model.num_embeddings
-  if "decoder" in cfgs and cfgs["decoder"].model.get("text_encoder", "text_proj") == "text_proj":
+  if "decoder" in cfgs and cfgs["decoder"].model.text_encoder == "text_proj":
     widths["decoder clip_embedding_dim"] = cfgs["decoder"].model.clip_embedding_dim
   for what in (widths, lengths):
     if len(set(what.values())) > 1:
@@ -280,7 +268,7 @@ def _check_consistent(cfgs: Mapping[str, mlc.ConfigDict]) -> None:
 def _write_bundle(out, items, source: str, dtype: str | None) -> None:
   for name, cfg, params in items:
     bundle.save_component(out, name, cfg, params, dtype=dtype)
-  old = bundle._read_manifest_or_none(pathlib.Path(out)) or {}
+  old = bundle.read_manifest_or_none(pathlib.Path(out)) or {}
   previous = old.get("source", "")
   bundle.write_manifest(out, source=source if not previous or previous == source else f"{previous}; {source}")
 
@@ -345,56 +333,17 @@ def import_karlo_original(out, *, prior=None, clip_stats=None, decoder=None, sr=
 
 
 # ---- glide ------------------------------------------------------------------------------------------------------
-def guided_unet_config(state: Mapping[str, Any], *, head_dim: int = 64, norm_num_groups: int = 32) -> dict:
-  """UNet model fields of a guided-diffusion (GLIDE) state dict, from its shapes.
-
-  Levels are delimited by the upsampling ResBlock closing each output level; channels, attention, cross-attention
-  width and the time-shift kind follow from tensor shapes. Head width and GroupNorm groups are not in the weights.
-  """
-  shape = lambda k: tuple(np.shape(state[k]))
-  for key in ("input_blocks.0.0.weight", "out.2.weight", "time_embed.0.weight", "output_blocks.0.0.in_layers.0.weight"):
-    if key not in state:
-      raise ValueError(f"not a guided-diffusion UNet state dict: missing key {key!r}")
-  c0, in_ch = shape("input_blocks.0.0.weight")[:2]
-  levels, current, k = [], [], 0
-  while f"output_blocks.{k}.0.in_layers.0.weight" in state:
-    attn = f"output_blocks.{k}.1.qkv.weight" in state
-    current.append((shape(f"output_blocks.{k}.0.out_layers.3.weight")[0], attn))
-    if f"output_blocks.{k}.{2 if attn else 1}.in_layers.0.weight" in state:      # the level's upsampler
-      levels.append(current)
-      current = []
-    k += 1
-  levels.append(current)
-  if len({len(level) for level in levels}) != 1 or len(levels[0]) < 1:
-    raise ValueError(f"output blocks do not split into equal levels: {[len(level) for level in levels]}")
-  chans, attention = tuple(level[0][0] for level in levels[::-1]), tuple(level[0][1] for level in levels[::-1])
-  attn_keys = [key for key in state if key.endswith(".encoder_kv.weight")]
-  temb = shape("time_embed.0.weight")[0]
-  if temb != 4 * c0:
-    raise ValueError(f"time embedding width {temb} != 4·model_channels ({4 * c0}): not supported")
-  emb_rows = shape("input_blocks.1.0.emb_layers.1.weight")[0]
-  return dict(in_channels=int(in_ch), out_channels=int(shape("out.2.weight")[0]),
-              conditioning=convert_unet._conditioning_for(int(in_ch)), block_out_channels=tuple(map(int, chans)),
-              layers_per_block=len(levels[0]) - 1, attention_levels=attention,
-              mid_block_attention="middle_block.1.qkv.weight" in state, head_dim=head_dim,
-              cross_attention_dim=int(shape(attn_keys[0])[1]) if attn_keys else None, class_embed_type="identity",
-              time_scale_shift="scale_shift" if emb_rows == 2 * chans[0] else "default",
-              norm_num_groups=norm_num_groups)
-
-
 def import_glide(src, out, *, head_dim: int = 64, text_heads: int | None = None, norm_num_groups: int = 32,
                  base: str = "decoder.py:glide", dtype: str | None = None) -> list[Report]:
   """GLIDE base / base-inpaint checkpoint -> the decoder component (UNet trunk + GLIDE text encoder)."""
+  from unclip_jax.convert import glide as convert_glide_text
+
   state = {k: tl.to_numpy(v, k) for k, v in tl.load_torch_state(src).items()}
-  block = guided_unet_config(state, head_dim=head_dim, norm_num_groups=norm_num_groups)
+  block = convert_glide_text.guided_unet_config(state, head_dim=head_dim, norm_num_groups=norm_num_groups)
   if block["conditioning"] not in ("none", "inpaint"):
     raise ValueError(f"{src}: a GLIDE upsampler (in_channels {block['in_channels']}) needs text conditioning in the "
                      "super-res stage, which bundle super-res components do not have; only base and base-inpaint "
                      "checkpoints convert")
-  try:
-    from unclip_jax.ckpt import convert_glide_text
-  except ImportError as e:
-    raise ValueError("the GLIDE text-encoder converter (unclip_jax.ckpt.convert_glide_text) is not available") from e
   text = convert_glide_text.config_from_state_dict(state, heads=text_heads).to_dict()
   if text.pop("time_embed_dim") != 4 * block["block_out_channels"][0]:
     raise ValueError("GLIDE transformer_proj width != the UNet time embedding width (4·model_channels)")
@@ -424,7 +373,7 @@ def _load_all(bundle_dir) -> dict[str, tuple[mlc.ConfigDict, Any]]:
 
 def _looped(model_cfg):
   """A prior model block with scan_layers off: the converters read and write the looped tree."""
-  if not model_cfg.get("scan_layers", False):
+  if not model_cfg.scan_layers:
     return model_cfg
   return mlc.ConfigDict({**model_cfg.to_dict(), "scan_layers": False})
 
@@ -469,9 +418,10 @@ def _write_tokenizer(folder: pathlib.Path, context_length: int) -> None:
 
 
 def export_diffusers(bundle_dir, out_dir) -> list[Report]:
-  """Bundle -> diffusers component folders (+ model_index.json in the hub/0.37 style, ARCHITECTURE.md §2.3)."""
+  """Bundle -> diffusers component folders (+ model_index.json in the hub / diffusers 0.37 style: text_proj listed
+  as ["unclip", "UnCLIPTextProjModel"])."""
   comps, out = _load_all(bundle_dir), pathlib.Path(out_dir)
-  if "decoder" in comps and comps["decoder"][0].model.get("text_encoder", "text_proj") != "text_proj":
+  if "decoder" in comps and comps["decoder"][0].model.text_encoder != "text_proj":
     raise ValueError("the decoder uses the GLIDE text encoder, which has no diffusers class; use to-safetensors")
   index: dict[str, Any] = {}
   reports = []
@@ -484,7 +434,7 @@ def export_diffusers(bundle_dir, out_dir) -> list[Report]:
       index[folder] = ["transformers", arch]
       reports.append(_report(f"clip/{folder}", convert_clip.state_dict_from_params(p, sub), p, arch))
       lib[folder] = arch
-    text = cfg.model.get("text")
+    text = cfg.model.text
     if text is not None and text.vocab_size == 49408:
       _write_tokenizer(out / "tokenizer", text.context_length)
       index["tokenizer"] = ["transformers", "CLIPTokenizer"]
@@ -554,8 +504,8 @@ def export_safetensors(bundle_dir, out_dir) -> list[Report]:
                     params))
     elif name == "prior":
       files.append(("prior", convert_prior.params_to_diffusers(params, _looped(cfg.model)), params))
-    elif name == "decoder" and cfg.model.get("text_encoder", "text_proj") == "glide":
-      from unclip_jax.ckpt import convert_glide_text
+    elif name == "decoder" and cfg.model.text_encoder == "glide":
+      from unclip_jax.convert import glide as convert_glide_text
 
       files.append(("decoder", convert_glide_text.params_to_glide(params["unet"], params["text_encoder"], cfg.model),
                     params))

@@ -1,4 +1,7 @@
-"""Diffusion-prior objective and sampler (unCLIP §2.2): text conditioning -> CLIP image embedding.
+"""The diffusion prior stage (unCLIP §2.2): text conditioning -> CLIP image embedding.
+
+Everything about the stage but the Linen module (`models/prior.py`): building it from the config, its data
+statistics, the training loss and task, the null conditioning both share, and the sampler.
 
 Training (`loss_fn`): x0 = normalize(CLIP image embedding); t ~ U{0..T-1} on the config's (cosine) schedule;
 x_t = q_sample(x0, t, ε); the network predicts x̂0 from (x_t, t, text); loss = MSE(x̂0, x0) through the shared
@@ -13,7 +16,7 @@ Text dropout for classifier-free guidance: with probability `text_drop_prob` (0.
 Why fixed, not learned: a learned null would be a parameter with no slot in the diffusers/Karlo layouts, so the
 converted checkpoints could not be sampled by diffusers; and the uncond branch at sampling time must see exactly
 the null used in training, which a fixed tensor guarantees. The noised image token x_t is never dropped
-(DALLE2-pytorch drops it too, ARCHITECTURE.md §14; we do not).
+(DALLE2-pytorch drops it too; we do not).
 
 Padding: `text_mask` [B, L] is True on real tokens; the model adds the causal mask to it (prior.py).
 
@@ -24,49 +27,51 @@ highest cosine (= dot product of unit vectors) with the CLIP text embedding. Ret
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unclip_jax.diffusion import samplers
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
 from unclip_jax.models.prior import PriorTransformer
+from unclip_jax.stages import builders, common
+from unclip_jax.stages.common import EMBEDDING_KEYS, Task, TextCond
 
 Params = Any
 
 
-class TextCond(NamedTuple):
-  """Text conditioning of the prior (a pytree).
+class Models(NamedTuple):
+  """The prior stage's modules: the transformer and its Gaussian diffusion."""
+  prior: PriorTransformer
+  diffusion: GaussianDiffusion
 
-  emb: [B, E] pooled CLIP text embedding (diffusers `proj_embedding`, unnormalised `text_embeds`).
-  enc: [B, L, E] CLIP text token states (`last_hidden_state`).
-  mask: [B, L] bool, True on real tokens.
-  """
-  emb: jax.Array
-  enc: jax.Array
-  mask: jax.Array
 
-  @property
-  def batch(self) -> int:
-    return self.emb.shape[0]
+def build(cfg, *, dtype=None) -> Models:
+  """The stage's modules from a `configs/prior.py` config (dtype: default the config's compute dtype)."""
+  return Models(builders.prior(cfg.model, dtype=dtype or cfg.dtype, remat=cfg.remat_policy),
+                GaussianDiffusion.from_config(cfg.diffusion))
+
+
+def init_params(models: Models, rng: jax.Array) -> Params:
+  """Initial params (clip_mean 0, clip_std 1 until `with_clip_stats` sets them from data)."""
+  return builders.init_prior(models.prior, rng)
+
+
+def abstract_params(cfg) -> Params:
+  """Shapes/dtypes of the stage's params (nothing allocated)."""
+  return builders.abstract(builders.init_prior, build(cfg, dtype="float32").prior)
 
 
 def null_text_cond(model: PriorTransformer, batch: int) -> TextCond:
   """The default null conditioning: zero embedding and token states, every text token masked."""
-  e, l = model.embedding_dim, model.num_embeddings
-  return TextCond(jnp.zeros((batch, e), jnp.float32), jnp.zeros((batch, l, e), jnp.float32),
-                  jnp.zeros((batch, l), bool))
+  return common.zeros_null_text(batch, model.num_embeddings, model.embedding_dim)
 
 
-def _broadcast_null(null: TextCond, batch: int) -> TextCond:
-  """A null given for one example ([E], [L, E], [L] or batch 1) or for the whole batch -> batch rows."""
-  def fix(x, rank):
-    x = jnp.asarray(x)
-    if x.ndim == rank - 1:
-      x = x[None]
-    return jnp.broadcast_to(x, (batch,) + x.shape[1:])
-  return TextCond(fix(null.emb, 2), fix(null.enc, 3), fix(null.mask, 2).astype(bool))
+def _broadcast_null(model: PriorTransformer, null: TextCond, batch: int) -> TextCond:
+  return common.broadcast_null(null, batch, model.num_embeddings, model.embedding_dim)
 
 
 def check_text_cond(model: PriorTransformer, cond: TextCond, what: str = "text conditioning") -> None:
@@ -86,7 +91,7 @@ def check_text_cond(model: PriorTransformer, cond: TextCond, what: str = "text c
 def drop_text(cond: TextCond, null: TextCond, rng: jax.Array, prob: float) -> tuple[TextCond, jax.Array]:
   """Replaces each example's conditioning by the null with probability `prob`. Returns (cond, dropped [B])."""
   dropped = jax.random.bernoulli(rng, prob, (cond.batch,))
-  null = _broadcast_null(null, cond.batch)
+  null = common.broadcast_null(null, cond.batch, null.enc.shape[-2], null.emb.shape[-1])
   pick = lambda n, c: jnp.where(dropped.reshape((-1,) + (1,) * (c.ndim - 1)), n.astype(c.dtype), c)
   return TextCond(pick(null.emb, cond.emb), pick(null.enc, cond.enc), pick(null.mask, cond.mask)), dropped
 
@@ -191,8 +196,8 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
   conds = _tile(cond, n)
   if settings.guidance_scale != 1.0:
     null = null_cond if null_cond is not None else null_text_cond(model, b)
-    check_text_cond(model, _broadcast_null(null, b), "null_cond")
-    bound = jax.tree.map(lambda u, c: jnp.concatenate([u.astype(c.dtype), c]), _tile(_broadcast_null(null, b), n),
+    check_text_cond(model, _broadcast_null(model, null, b), "null_cond")
+    bound = jax.tree.map(lambda u, c: jnp.concatenate([u.astype(c.dtype), c]), _tile(_broadcast_null(model, null, b), n),
                          conds)                                                                   # [uncond; cond]
   else:
     bound = conds
@@ -208,24 +213,14 @@ def _unit(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def settings_from_config(cfg) -> samplers.SamplerSettings:
-  """SamplerSettings from the prior config's `sampling` block."""
-  return samplers.SamplerSettings.from_config(cfg.sampling)
-
-
-NULL_TEXTS = ("zeros", "empty_prompt")
-
-
 def make_sampler(cfg, model: PriorTransformer, diffusion: GaussianDiffusion | None = None):
   """A jitted `(params, cond, rng, null_cond=None) -> [B, E]` with the config's steps, guidance and candidates.
 
   `cfg.null_text` "zeros" uses `null_text_cond`; "empty_prompt" requires `null_cond` (the CLIP encoding of "").
   """
   diffusion = diffusion or GaussianDiffusion.from_config(cfg.diffusion)
-  settings = settings_from_config(cfg)
-  null_text = cfg.get("null_text", "zeros")
-  if null_text not in NULL_TEXTS:
-    raise ValueError(f"unknown null_text {null_text!r}; choose one of {NULL_TEXTS}")
+  settings = common.sampler_settings(cfg)
+  null_text = common.check_null_text(cfg.null_text)
 
   def run(params, cond, rng, null_cond=None):
     if null_cond is None and null_text == "empty_prompt" and settings.guidance_scale != 1.0:
@@ -233,3 +228,63 @@ def make_sampler(cfg, model: PriorTransformer, diffusion: GaussianDiffusion | No
     return sample(params, cond, rng, model=model, diffusion=diffusion, steps=cfg.sampling.steps, settings=settings,
                   num_candidates=cfg.num_candidates, null_cond=null_cond)
   return jax.jit(run)
+
+
+# ---- scanned and looped parameter trees -----------------------------------------------------------------------------
+def stack_blocks(params, num_layers: int):
+  """Looped tree (`transformer_blocks_{i}/...`) -> scanned tree (`transformer_blocks/...` stacked on axis 0)."""
+  blocks = [params[f"transformer_blocks_{i}"] for i in range(num_layers)]
+  rest = {k: v for k, v in params.items() if not k.startswith("transformer_blocks_")}
+  if len(rest) + num_layers != len(params):
+    raise ValueError(f"params have {len(params) - len(rest)} transformer blocks, expected {num_layers}")
+  return {**rest, "transformer_blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_blocks(params):
+  """Scanned tree -> looped tree (the layout `convert/prior.py` reads and writes)."""
+  stacked = params["transformer_blocks"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  rest = {k: v for k, v in params.items() if k != "transformer_blocks"}
+  return {**rest, **{f"transformer_blocks_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}}
+
+
+# ---- the training task --------------------------------------------------------------------------------------------
+def embedding_stats(batches: Iterator[dict], num_examples: int) -> tuple[jax.Array, jax.Array]:
+  """Per-dimension mean/std of `image_emb` over the first `num_examples` examples: the prior's clip_mean/std."""
+  seen = []
+  while sum(len(b) for b in seen) < num_examples:
+    seen.append(np.asarray(next(batches)["image_emb"]))
+  return stats_from_embeddings(jnp.asarray(np.concatenate(seen)[:num_examples]))
+
+
+def make_task(cfg, *, data: Iterator[dict] | None = None, stats_data: Iterator[dict] | None = None,
+              eval_data: Iterator[dict] | None = None, mesh=None) -> Task:
+  """The diffusion prior on precomputed CLIP embeddings; clip_mean/std are set from the data at init.
+
+  Evaluation: cosine of sampled image embeddings (the config's sampler) with the true ones, next to the
+  text-embedding baseline cos(text_emb, image_emb). (`mesh` is unused: every task takes it.)"""
+  del mesh
+  models = build(cfg)
+  stats = embedding_stats(stats_data if stats_data is not None else common.data_iterator(cfg, None),
+                          cfg.stats_examples)
+  data = data if data is not None else common.data_iterator(cfg, None)
+
+  def init(rng):
+    return with_clip_stats(init_params(models, rng), *stats)
+
+  evaluate = None
+  held = common.eval_batch(cfg, eval_data, None, EMBEDDING_KEYS)
+  if held is not None:
+    if cfg.null_text != "zeros":
+      raise ValueError("the prior's periodic evaluation samples with null_text='zeros' only; set eval_every=0")
+    sampler = make_sampler(cfg, models.prior, models.diffusion)
+    cond = TextCond(held["text_emb"], held["text_enc"], held["text_mask"])
+
+    def evaluate(params):
+      emb = sampler(params, cond, jax.random.key(cfg.seed + 2))
+      return {"prior_cosine": jnp.mean(common.cosine(emb, held["image_emb"])),
+              "text_baseline_cosine": jnp.mean(common.cosine(held["text_emb"], held["image_emb"]))}
+
+  loss = functools.partial(loss_fn, model=models.prior, diffusion=models.diffusion, text_drop_prob=cfg.text_drop_prob)
+  return Task(init_params=init, loss_fn=loss, data=common.MappedIterator(data, lambda b: common.select(b, EMBEDDING_KEYS)),
+              evaluate=evaluate)

@@ -1,6 +1,6 @@
 """HF transformers / OpenAI CLIP <-> unclip_jax CLIP weight conversion.
 
-Layouts (ARCHITECTURE.md §8.4, §8.5, §11):
+Layouts (docs/layouts.md, "CLIP"):
   * HF folders (`config.json` + `model.safetensors` or `pytorch_model.bin`) of `CLIPModel`,
     `CLIPTextModelWithProjection`, `CLIPVisionModelWithProjection` and bare `CLIPTextModel` / `CLIPVisionModel`.
     Tower keys are `text_model.` / `vision_model.`-prefixed, except bare towers saved by transformers >= 5.6 whose
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from unclip_jax.models import clip as clip_lib
+from unclip_jax.stages import builders
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -96,7 +97,7 @@ def config_from_hf(hf_config: Mapping[str, Any], architecture: str | None = None
 
 
 def model_block_from_config(cfg: clip_lib.CLIPConfig) -> dict[str, Any]:
-  """CLIPConfig -> a `configs/clip.py`-style `model` dict (for building through `clip_lib.from_config`)."""
+  """CLIPConfig -> a `configs/clip.py`-style `model` dict (built by `stages.builders.clip`)."""
   text = None if cfg.text is None else dict(vocab_size=cfg.text.vocab_size, width=cfg.text.width,
                                             layers=cfg.text.layers, heads=cfg.text.heads, mlp_dim=cfg.text.mlp_dim,
                                             context_length=cfg.text.context_length, act=cfg.text.act,
@@ -224,7 +225,7 @@ def _to_torch(x: np.ndarray, kind: str) -> np.ndarray:
 
 # ---- state dict <-> params ------------------------------------------------------------------------------------
 def _abstract_flat(cfg: clip_lib.CLIPConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  abstract = clip_lib.abstract_params(clip_lib.CLIP(cfg))
+  abstract = builders.abstract(builders.init_clip, clip_lib.CLIP(cfg))
   return {tuple(k.key for k in path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
 
@@ -414,7 +415,7 @@ def config_from_openai(state_dict: Mapping[str, Any], head_dim: int = 64) -> cli
 
 
 def hf_state_dict_from_openai(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """OpenAI CLIP state dict -> prefixed HF `CLIPModel` state dict (ARCHITECTURE.md §11)."""
+  """OpenAI CLIP state dict -> prefixed HF `CLIPModel` state dict (docs/layouts.md, "CLIP")."""
   out: dict[str, np.ndarray] = {}
   for key, value in state_dict.items():
     x = _as_numpy(value)
