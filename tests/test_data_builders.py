@@ -11,7 +11,6 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from unclip_jax.data import build, builders
-from unclip_jax.stages import builders
 
 
 def _image(i, h=12, w=10):

@@ -211,7 +211,7 @@ def test_bad_inputs(setup):
     run(cond._replace(text_mask=cond.text_mask[:, :3]))
   with pytest.raises(ValueError, match="text_mask is required"):
     run(cond._replace(text_mask=None))
-  with pytest.raises(ValueError, match=r"null_text token states must be \[16, 32\] or \[2, 16, 32\]"):
+  with pytest.raises(ValueError, match=r"null text token states must be \[16, 32\] or \[2, 16, 32\]"):
     run(null_text=s["null"]._replace(enc=jnp.zeros((L + 1, E))))
   with pytest.raises(ValueError, match=r"x_T must be \[B, H, W, 3\]"):
     run(x=jnp.zeros((B, 3, S, S)))

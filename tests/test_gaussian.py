@@ -84,8 +84,9 @@ def test_min_snr_weighting_adds_to_the_hybrid_vlb_and_is_read_from_the_config():
   terms = diffusion.loss_terms(out, x0, x_t, t, noise)
   np.testing.assert_allclose(np.asarray(terms["loss"]), np.asarray(diffusion.mse_weight(t) * terms["mse"]
                                                                    + 1.0 * terms["vb"]), rtol=1e-5)
-  old = dict(cfg.to_dict()); old.pop("loss_weighting"); old.pop("min_snr_gamma")     # a config saved before
-  assert gaussian.GaussianDiffusion.from_config(config_lib.mlc.ConfigDict(old)).loss_weighting == "uniform"
+  old = config_lib.to_dict(config_lib.load_config("decoder:tiny"))                     # a config saved before
+  del old["diffusion"]["loss_weighting"], old["diffusion"]["min_snr_gamma"]            # the weighting existed
+  assert gaussian.GaussianDiffusion.from_config(config_lib.complete(old).diffusion).loss_weighting == "uniform"
   with pytest.raises(ValueError, match="loss_weighting"):
     gaussian.GaussianDiffusion(SCHED, loss_weighting="min-snr")
   with pytest.raises(ValueError, match="min_snr_gamma"):

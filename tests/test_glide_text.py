@@ -22,6 +22,7 @@ from unclip_jax.convert import unet as convert_unet  # noqa: E402
 from unclip_jax.convert import torch_layout as tl  # noqa: E402
 from unclip_jax.models import glide_text  # noqa: E402
 from unclip_jax.models import unet as unet_lib  # noqa: E402
+from unclip_jax import stages  # noqa: E402
 from unclip_jax.stages import builders  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -249,12 +250,12 @@ def test_bad_inputs_and_configs_raise(enc):
     m.apply({"params": p}, np.zeros((1, 8), np.float32), np.ones((1, 8), bool))
   with pytest.raises(ValueError, match="mask must have the tokens' shape"):
     m.apply({"params": p}, enc["tokens"], enc["mask"][:, :4])
-  with pytest.raises(ValueError, match="cross_attention_dim=32 must equal xf_width=24"):
+  with pytest.raises(ValueError, match="cross_attention_dim=32 must equal model.xf_width=24"):
     builders.glide_text(tiny_cfg("model.cross_attention_dim=32").model)
   with pytest.raises(ValueError, match="xf_width=24 is not divisible by xf_heads=5"):
     builders.abstract(builders.init_glide_text, builders.glide_text(tiny_cfg("model.xf_heads=5").model))
-  with pytest.raises(ValueError, match="unknown text_encoder 'clip'"):
-    builders.glide_text(tiny_cfg("model.text_encoder=clip").model)
+  with pytest.raises(ValueError, match="unknown model.text_encoder 'clip'"):
+    stages.get("decoder").build(tiny_cfg("model.text_encoder=clip"))
 
 
 # ---- (e) state dicts ------------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_state_dict_round_trip_and_names(enc):
   inferred = cgt.config_from_state_dict(state, heads=4)
   assert (inferred.text_ctx, inferred.xf_width, inferred.xf_layers, inferred.xf_heads, inferred.n_vocab,
           inferred.xf_final_ln, inferred.xf_padding, inferred.time_embed_dim) == (8, 24, 2, 4, 50, True, True, 64)
-  assert builders.glide_text(inferred).time_embed_dim == 64
+  assert cgt.text_encoder(inferred).time_embed_dim == 64
   with pytest.raises(ValueError, match="multiple of 64: pass heads="):
     cgt.config_from_state_dict(state)
 

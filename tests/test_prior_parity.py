@@ -18,6 +18,7 @@ from unclip_jax.stages import prior as prior_stage  # noqa: E402
 from helpers import PRIOR_KW, make_torch_prior  # noqa: E402
 
 TINY_KW = PRIOR_KW
+B = 3
 
 
 def make_inputs(seed=0):
@@ -308,7 +309,7 @@ def test_scanned_layers_match_loop(converted):
   ref = jax_forward(cfg, params, inp)
   stacked = prior_stage.stack_blocks(params, cfg.num_layers)
   for remat in ("none", "full"):
-    model = builders.prior(cfg, scan_layers=True, remat=remat)
+    model = builders.prior({**cfg.to_dict(), "scan_layers": True}, remat=remat)
     shapes = builders.abstract(builders.init_prior, model)
     jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), shapes, stacked)
     out = np.asarray(jax.jit(model.apply)({"params": stacked}, *args))

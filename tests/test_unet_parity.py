@@ -305,12 +305,14 @@ def test_converter_rejects_unsupported_configs():
 
 # ---- original Karlo / GLIDE layout ----------------------------------------------------------------------------
 # Diffusers twin of the tiny Karlo PLMImUNet / GLIDE Text2ImUNet instances: 2 levels, L=2, attention at level 1.
-TWIN = dict(in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=2,
+TWIN = dict(conditioning="none", in_channels=3, out_channels=6, block_out_channels=(32, 64), layers_per_block=2,
             attention_levels=(False, True), mid_block_attention=True, head_dim=16, cross_attention_dim=24,
-            class_embed_type="identity", time_scale_shift="scale_shift", norm_num_groups=32)
+            class_embed_type="identity", time_scale_shift="scale_shift", norm_num_groups=32,
+            **convert_unet.GUIDED_UNET_FIXED)
 SR_TWIN = dict(in_channels=6, out_channels=3, block_out_channels=(32, 64), layers_per_block=2,
-               attention_levels=(False, False), mid_block_attention=False, time_scale_shift="default",
-               conditioning="low_res", norm_num_groups=32)
+               attention_levels=(False, False), mid_block_attention=False, head_dim=8, cross_attention_dim=None,
+               class_embed_type=None, time_scale_shift="default", conditioning="low_res", norm_num_groups=32,
+               **convert_unet.GUIDED_UNET_FIXED)
 TP_TWIN = dict(clip_embeddings_dim=8, time_embed_dim=128, cross_attention_dim=24, clip_extra_context_tokens=4)
 
 
@@ -492,6 +494,6 @@ def test_karlo_constants_match_configs():
 
 
 def test_in_channels_must_match_conditioning():
-  with pytest.raises(ValueError, match="does not match conditioning='inpaint'"):
+  with pytest.raises(ValueError, match="does not match model.conditioning='inpaint'"):
     builders.unet(dict(TWIN, conditioning="inpaint", in_channels=3))
   assert builders.unet(dict(TWIN, conditioning="inpaint", in_channels=None)).in_channels == 7

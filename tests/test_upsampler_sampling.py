@@ -173,7 +173,8 @@ def test_real_unclip_pipeline_end_to_end(setup, tmp_path, monkeypatch):
   and the same per-step noise: the decoder output (seen where it enters super_res_first) and the final images."""
   from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-  from helpers import PRIOR_KW as TINY_KW, convert_decoder, letters_tokenizer, make_torch_decoder, make_torch_prior
+  from helpers import (PRIOR_KW as TINY_KW, convert_decoder, decoder_diffusion, letters_tokenizer, make_torch_decoder,
+                       make_torch_prior)
   from unclip_jax.stages import decoder as decoder_lib, prior as prior_lib
   from unclip_jax.convert import prior as convert_prior
   from unclip_jax.models import prior as prior_model

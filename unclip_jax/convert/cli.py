@@ -39,6 +39,7 @@ import numpy as np
 from unclip_jax import bundle, config_lib
 from unclip_jax.convert import clip as convert_clip, prior as convert_prior, unet as convert_unet
 from unclip_jax.convert import torch_layout as tl
+from unclip_jax.stages import builders
 
 KARLO_FOLDERS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last", "text_encoder",
                  "image_encoder")
@@ -382,7 +383,7 @@ def _clip_parts(cfg, params):
   """A clip component -> [(folder, CLIPConfig, params)] for text_encoder / image_encoder."""
   from unclip_jax.models import clip as clip_lib
 
-  c = clip_lib.config_from_model_block(cfg.model)
+  c = builders.clip_config(cfg.model)
   out = []
   for folder, tower, proj, keep in (("text_encoder", "text_model", "text_projection", "text"),
                                     ("image_encoder", "vision_model", "visual_projection", "vision")):
@@ -500,7 +501,7 @@ def export_safetensors(bundle_dir, out_dir) -> list[Report]:
     if name == "clip":
       from unclip_jax.models import clip as clip_lib
 
-      files.append(("clip", convert_clip.state_dict_from_params(params, clip_lib.config_from_model_block(cfg.model)),
+      files.append(("clip", convert_clip.state_dict_from_params(params, builders.clip_config(cfg.model)),
                     params))
     elif name == "prior":
       files.append(("prior", convert_prior.params_to_diffusers(params, _looped(cfg.model)), params))

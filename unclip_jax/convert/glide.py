@@ -184,4 +184,4 @@ def guided_unet_config(state: Mapping[str, Any], *, head_dim: int = 64, norm_num
               mid_block_attention="middle_block.1.qkv.weight" in state, head_dim=head_dim,
               cross_attention_dim=int(shape(attn_keys[0])[1]) if attn_keys else None, class_embed_type="identity",
               time_scale_shift="scale_shift" if emb_rows == 2 * chans[0] else "default",
-              norm_num_groups=norm_num_groups)
+              norm_num_groups=norm_num_groups, **convert_unet.GUIDED_UNET_FIXED)

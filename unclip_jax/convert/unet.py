@@ -443,16 +443,20 @@ def params_to_glide(unet_params: Params, unet_cfg) -> dict[str, np.ndarray]:
 
 
 # ---- published Karlo sizes and file loaders -------------------------------------------------------------------
-KARLO_DECODER = dict(image_size=64, in_channels=3, out_channels=6, block_out_channels=(320, 640, 960, 1280),
-                     layers_per_block=3, attention_levels=(False, True, True, True), mid_block_attention=True,
-                     head_dim=64, cross_attention_dim=1536, class_embed_type="identity",
-                     time_scale_shift="scale_shift", norm_num_groups=32)           # decoder_900M_vit_l.yaml
+# Fields of a UNet block that the guided-diffusion checkpoints (Karlo, GLIDE) do not vary.
+GUIDED_UNET_FIXED = dict(time_embed_dim=None, flip_sin_to_cos=True, freq_shift=0.0, center_input_sample=False,
+                         dropout=0.0, attention="auto")
+KARLO_DECODER = dict(image_size=64, conditioning="none", in_channels=3, out_channels=6,
+                     block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
+                     attention_levels=(False, True, True, True), mid_block_attention=True, head_dim=64,
+                     cross_attention_dim=1536, class_embed_type="identity", time_scale_shift="scale_shift",
+                     norm_num_groups=32, **GUIDED_UNET_FIXED)                             # decoder_900M_vit_l.yaml
 KARLO_TEXT_PROJ = dict(clip_embeddings_dim=768, time_embed_dim=1280, cross_attention_dim=1536,
                        clip_extra_context_tokens=4)
 KARLO_SR = dict(image_size=256, conditioning="low_res", in_channels=6, out_channels=3,
                 block_out_channels=(320, 640, 960, 1280), layers_per_block=3, attention_levels=(False,) * 4,
-                mid_block_attention=False, head_dim=8, class_embed_type=None, time_scale_shift="default",
-                norm_num_groups=32)                                                 # improved_sr_64_256_1.4B.yaml
+                mid_block_attention=False, head_dim=8, cross_attention_dim=None, class_embed_type=None,
+                time_scale_shift="default", norm_num_groups=32, **GUIDED_UNET_FIXED)  # improved_sr_64_256_1.4B.yaml
 
 
 def load_karlo_decoder(path, unet_cfg=None, text_proj_cfg=None):
