@@ -235,3 +235,63 @@ def test_integrity_record_round_trip_and_errors(tmp_path):
   (tmp_path / "a" / integrity.RECORD_NAME).write_text("{not json")
   with pytest.raises(integrity.IntegrityError, match="unreadable integrity record"):
     integrity.verify(tmp_path / "a")
+
+
+def _largest_file(step_dir) -> str:
+  files = [(os.path.getsize(os.path.join(d, f)), os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs]
+  return os.path.relpath(max(files)[1], step_dir)
+
+
+@pytest.mark.slow
+def test_two_processes_fall_back_from_a_damaged_step(tmp_path):
+  """The issue's recipe through `python -m unclip_jax.train` on 2 processes (launch/gpu.sh, 4 CPU devices each):
+  train to step 4 (checkpoints 2 and 4), overwrite 4 KiB in the middle of step 4's largest file, train on to 6."""
+  import pathlib
+  import subprocess
+  import sys
+
+  from unclip_jax.data import builders
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  rng = np.random.default_rng(0)
+  n, e, length = 32, 32, 16
+  emb = builders.build_embeddings(
+      {"image_emb": rng.standard_normal((n, e)).astype(np.float32),
+       "text_emb": rng.standard_normal((n, e)).astype(np.float32),
+       "text_enc": rng.standard_normal((n, length, e)).astype(np.float32),
+       "text_mask": np.ones((n, length), bool)}, tmp_path, "emb")
+  workdir = tmp_path / "run"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(UNCLIP_LAUNCH_CPU="1", NPROC="2", CPU_DEVICES="4",
+             UNCLIP_VENV=str(pathlib.Path(sys.executable).parent.parent))
+
+  def train(steps):
+    cmd = ["bash", str(root / "launch" / "gpu.sh"), f"--config={root}/configs/prior.py:tiny", f"--workdir={workdir}",
+           f"--config.data.dirs=('{emb}',)", f"--config.num_train_steps={steps}", "--config.stats_examples=8",
+           "--config.dtype=float32", "--config.log_every=1", "--config.eval_every=0", "--config.mesh.data=4",
+           "--config.mesh.fsdp=2", "--config.ckpt_every=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
+    logs = {i: (workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)}
+    assert out.returncode == 0, out.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+    return logs
+
+  train(4)
+  ckpts = workdir / "checkpoints"
+  rel = damage_file(ckpts / "4" / _largest_file(ckpts / "4"))
+  logs = train(6)
+  for i in range(2):
+    line = next(ln for ln in logs[i].splitlines() if "is damaged" in ln)
+    assert "checkpoint step 4 is damaged (" in line and rel in line and "falling back to step 2" in line, line
+    assert "resumed from step 2" in logs[i] and "finished prior at step 6" in logs[i]
+  assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())[-1] == 6
+  assert [p.name.split(".")[0] for p in (ckpts / "damaged").iterdir()] == ["4"]
+
+
+def damage_file(path) -> str:
+  """Overwrites 4 KiB (or half the file) in the middle of `path` with random bytes; returns its name."""
+  size = os.path.getsize(path)
+  n = min(4096, size // 2)
+  with open(path, "r+b") as f:
+    f.seek(size // 2 - n // 2)
+    f.write(np.random.default_rng(1).bytes(n))
+  return os.path.basename(path)

@@ -256,15 +256,21 @@ class CheckpointManager:
 
   def _move_aside(self, step: int) -> epath.Path:
     """Renames `<directory>/<step>` to `<directory>/damaged/<step>.<UTC time>` (process 0); orbax stops listing it."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    now = int(time.time())
+    if jax.process_count() > 1:              # one name on every process: process 0's clock
+      from jax.experimental import multihost_utils
+
+      now = int(multihost_utils.broadcast_one_to_all(np.asarray(now, np.int64)))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     dest = epath.Path(self.directory) / DAMAGED_DIR / f"{step}.{stamp}"
     n = 1
     while dest.exists():
       dest, n = epath.Path(self.directory) / DAMAGED_DIR / f"{step}.{stamp}.{n}", n + 1
+    _sync(f"unclip_jax:move_aside_named:{step}")      # every process has chosen `dest` before it exists
     if jax.process_index() == 0:
       dest.parent.mkdir(parents=True, exist_ok=True)
       self.step_dir(step).rename(dest)
-    _sync(f"unclip_jax:move_aside:{step}")
+    _sync(f"unclip_jax:move_aside_done:{step}")
     self._mngr.reload()
     return dest
 
