@@ -90,6 +90,16 @@ def damage(step_dir, kind: str, how: str) -> str:
   return rel
 
 
+def damage_file(path) -> str:
+  """Overwrites 4 KiB (or half the file) in the middle of `path` with random bytes; returns its name."""
+  size = os.path.getsize(path)
+  n = min(4096, size // 2)
+  with open(path, "r+b") as f:
+    f.seek(size // 2 - n // 2)
+    f.write(np.random.default_rng(1).bytes(n))
+  return os.path.basename(path)
+
+
 def _copy(base, dest):
   shutil.copytree(base, dest)
   return dest
@@ -147,7 +157,7 @@ def test_step_without_record_is_checked_by_restoring(runs, tmp_path, caplog):
   for step in (4, 8):
     os.remove(ckpts / str(step) / integrity.RECORD_NAME)
   damage(ckpts / "8", "ocdbt manifest", "truncate")            # orbax cannot open it: a restore error
-  abstract = _abstract_state(workdir)
+  abstract = _abstract_state()
   mngr = ckpt.CheckpointManager(ckpts)
   with caplog.at_level(logging.WARNING, logger=ckpt.__name__):
     restored = mngr.restore_good(abstract)
@@ -158,7 +168,7 @@ def test_step_without_record_is_checked_by_restoring(runs, tmp_path, caplog):
   assert mngr.all_steps() == [4]
 
 
-def _abstract_state(workdir):
+def _abstract_state():
   """The abstract train state of the toy task, with the shardings `loop.train` uses."""
   import flax.linen as nn
 
@@ -184,7 +194,7 @@ def test_restore_of_a_damaged_step_names_step_and_file(runs, tmp_path):
   rel = damage(ckpts / "8", "EMA", "bytes")
   mngr = ckpt.CheckpointManager(ckpts)
   with pytest.raises(ckpt.DamagedCheckpointError, match=f"checkpoint step 8 in .* is damaged \\({rel}: sha256"):
-    mngr.restore(_abstract_state(workdir))
+    mngr.restore(_abstract_state())
   with pytest.raises(ckpt.DamagedCheckpointError, match=f"step 8 .*{rel}"):
     ckpt.restore_params(workdir)                                # export checks too, and moves nothing
   assert mngr.all_steps() == [4, 8]
@@ -286,12 +296,3 @@ def test_two_processes_fall_back_from_a_damaged_step(tmp_path):
   assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())[-1] == 6
   assert [p.name.split(".")[0] for p in (ckpts / "damaged").iterdir()] == ["4"]
 
-
-def damage_file(path) -> str:
-  """Overwrites 4 KiB (or half the file) in the middle of `path` with random bytes; returns its name."""
-  size = os.path.getsize(path)
-  n = min(4096, size // 2)
-  with open(path, "r+b") as f:
-    f.seek(size // 2 - n // 2)
-    f.write(np.random.default_rng(1).bytes(n))
-  return os.path.basename(path)
