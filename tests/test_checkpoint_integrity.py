@@ -105,7 +105,7 @@ def _copy(base, dest):
   return dest
 
 
-KINDS = ("array data", "EMA", "metadata", "ocdbt manifest", "iterator state")
+KINDS = ("array data", "EMA", "metadata", "ocdbt manifest", "step metadata", "iterator state")
 
 
 @pytest.mark.parametrize("how", ("bytes", "truncate", "delete"))
