@@ -55,10 +55,6 @@ def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--progress", action="store_true", help="show a progress counter on stderr")
 
 
-def _feature_name(features: str) -> str:
-  return {"inception": "inception-v3-pool3"}.get(features, features)
-
-
 def _resolve(path: str, label: str, stats_protocol: str | None, feature_name: str):
   """-> FIDStats (from a .npz) or an ImageSource; errors name the side (--real / --fake)."""
   if path.endswith(".npz"):
@@ -80,12 +76,22 @@ def _resolve(path: str, label: str, stats_protocol: str | None, feature_name: st
 
 def run_fid(args: argparse.Namespace) -> dict:
   start = time.perf_counter()
-  feature_name = _feature_name(args.features)
+  feature_name = features_lib.feature_name(args.features)
   if args.batch_size < 1:
     raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
   sides = {"real": _resolve(args.real, "--real", args.stats_protocol, feature_name),
            "fake": _resolve(args.fake, "--fake", args.stats_protocol, feature_name)}
   need_images = [k for k, v in sides.items() if isinstance(v, images_lib.ImageSource)]
+  stats: dict[str, fid_lib.FIDStats] = {k: v for k, v in sides.items() if isinstance(v, fid_lib.FIDStats)}
+
+  def check_cached(fingerprint):
+    for k, v in stats.items():
+      try:
+        v.check_compatible(args.protocol, feature_name, fingerprint, source=f"--{k} {getattr(args, k)}")
+      except fid_lib.StatsMismatchError as e:
+        raise CLIError(str(e)) from e
+
+  check_cached(None)  # protocol / features before any weights are read
   extractor = None
   fingerprint = None
   if need_images:
@@ -98,17 +104,11 @@ def run_fid(args: argparse.Namespace) -> dict:
     except (inception_weights.InceptionWeightsError, ValueError, OSError) as e:
       raise CLIError(str(e)) from e
     fingerprint = extractor.fingerprint
-  stats: dict[str, fid_lib.FIDStats] = {}
-  for k, v in sides.items():
-    if isinstance(v, fid_lib.FIDStats):
-      try:
-        v.check_compatible(args.protocol, feature_name, fingerprint, source=f"--{k} {getattr(args, k)}")
-      except fid_lib.StatsMismatchError as e:
-        raise CLIError(str(e)) from e
-      stats[k] = v
-  if not need_images and stats["real"].fingerprint and stats["fake"].fingerprint \
+    check_cached(fingerprint)
+  elif stats["real"].fingerprint and stats["fake"].fingerprint \
       and stats["real"].fingerprint != stats["fake"].fingerprint:
-    raise CLIError("--real and --fake statistics were computed with different Inception weights")
+    raise CLIError("--real and --fake statistics were computed with different Inception weights "
+                   f"({stats['real'].fingerprint} vs {stats['fake'].fingerprint})")
   for k in need_images:
     source = sides[k]
     try:
@@ -150,12 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  formatwarning = warnings.formatwarning
   warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
   try:
     report = SUBCOMMANDS[args.command][1](args)
   except CLIError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  finally:
+    warnings.formatwarning = formatwarning
   line = json.dumps(report)
   print(line, flush=True)
   if getattr(args, "json", None):

@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-_REGISTRY: dict[str, Callable[..., "FeatureExtractor"]] = {}
+_REGISTRY: dict[str, tuple[Callable[..., "FeatureExtractor"], str]] = {}
 
 
-def register_feature_extractor(name: str):
-  """Decorator: register `factory(**options) -> FeatureExtractor` under `name`."""
+def register_feature_extractor(name: str, feature_name: str, replace: bool = False):
+  """Decorator: register `factory(*, weights, protocol, batch_size, **options) -> FeatureExtractor` as `name`.
+
+  `feature_name` is what statistics caches record (and are checked against) for this extractor.
+  """
   def wrap(factory):
-    if name in _REGISTRY:
+    if name in _REGISTRY and not replace:
       raise ValueError(f"feature extractor {name!r} is already registered")
-    _REGISTRY[name] = factory
+    _REGISTRY[name] = (factory, feature_name)
     return factory
   return wrap
 
@@ -35,10 +39,19 @@ def available_feature_extractors() -> tuple[str, ...]:
   return tuple(sorted(_REGISTRY))
 
 
-def build_feature_extractor(name: str, **options: Any) -> "FeatureExtractor":
+def _lookup(name: str) -> tuple[Callable[..., "FeatureExtractor"], str]:
   if name not in _REGISTRY:
     raise ValueError(f"unknown feature extractor {name!r}; available: {', '.join(available_feature_extractors())}")
-  return _REGISTRY[name](**options)
+  return _REGISTRY[name]
+
+
+def feature_name(name: str) -> str:
+  """Registered extractor -> the feature name its statistics carry (e.g. "inception" -> "inception-v3-pool3")."""
+  return _lookup(name)[1]
+
+
+def build_feature_extractor(name: str, **options: Any) -> "FeatureExtractor":
+  return _lookup(name)[0](**options)
 
 
 @dataclasses.dataclass
@@ -130,17 +143,29 @@ def file_fingerprint(path: str | os.PathLike, n_hex: int = 16) -> str:
   return h.hexdigest()[:n_hex]
 
 
-@register_feature_extractor("inception")
+INCEPTION_FEATURES = "inception-v3-pool3"
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_inception(precision: Any):
+  """One jitted `InceptionV3FID.apply(variables, x)` per precision (variables are an argument, not constants)."""
+  import jax
+
+  from unclip_jax.models.inception import InceptionV3FID
+
+  model = InceptionV3FID() if precision is None else InceptionV3FID(precision=precision)
+  return jax.jit(model.apply)
+
+
+@register_feature_extractor("inception", INCEPTION_FEATURES)
 def inception_feature_extractor(weights: str | os.PathLike | None = None, protocol: str = "clean",
                                 batch_size: int = 50, variables: Any = None,
                                 precision: Any = None) -> FeatureExtractor:
   """FID InceptionV3 pool3 features [N, 2048] from pytorch-fid's weights file (or converted `variables`)."""
-  import functools
-
   import jax
 
   from unclip_jax.eval import inception_weights, protocols
-  from unclip_jax.models.inception import POOL_DIM, InceptionV3FID
+  from unclip_jax.models.inception import POOL_DIM
 
   protocols.check_protocol(protocol)
   if variables is None:
@@ -151,13 +176,12 @@ def inception_feature_extractor(weights: str | os.PathLike | None = None, protoc
     fingerprint = file_fingerprint(weights)
   else:
     fingerprint = None
-  model = InceptionV3FID() if precision is None else InceptionV3FID(precision=precision)
   variables = jax.device_put(variables)
-  jitted = jax.jit(model.apply)  # variables are an argument, not constants folded into the program
+  jitted = _jitted_inception(precision)
 
   def forward(x):
     return jitted(variables, x)
 
-  return FeatureExtractor(name="inception-v3-pool3", dim=POOL_DIM, protocol=protocol,
+  return FeatureExtractor(name=INCEPTION_FEATURES, dim=POOL_DIM, protocol=protocol,
                           preprocess=functools.partial(protocols.preprocess, protocol=protocol),
                           apply_batch=forward, batch_size=batch_size, fingerprint=fingerprint)

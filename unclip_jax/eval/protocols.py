@@ -52,14 +52,16 @@ def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """[out, in] float32 weights of torch's 1-D linear interpolation with align_corners=False, no antialiasing.
 
-  src = (dst + 0.5) * in / out - 0.5, clamped below at 0; lo = floor(src), hi = min(lo + 1, in - 1).
+  src = (dst + 0.5) * in / out - 0.5 (float32), clamped below at 0; lo = floor(src), hi = min(lo + 1, in - 1).
   """
-  scale = in_size / out_size
-  dst = np.arange(out_size, dtype=np.float64)
-  src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
-  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)  # float32 coordinate arithmetic, as torch's CPU kernel for float inputs
+  dst = np.arange(out_size, dtype=f32)
+  # one rounding of scale * (dst + 0.5) - 0.5, as the fused multiply-add torch's kernel compiles to
+  src = np.maximum((np.float64(scale) * (dst + f32(0.5)).astype(np.float64) - 0.5).astype(f32), f32(0))
+  lo = np.minimum(src.astype(np.int64), in_size - 1)
   hi = np.minimum(lo + 1, in_size - 1)
-  frac = (src - lo).astype(np.float32)
+  frac = np.clip(src - lo.astype(f32), f32(0), f32(1))
   w = np.zeros((out_size, in_size), np.float32)
   np.add.at(w, (np.arange(out_size), lo), 1.0 - frac)
   np.add.at(w, (np.arange(out_size), hi), frac)
