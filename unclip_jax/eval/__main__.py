@@ -129,6 +129,8 @@ def run_fid(args: argparse.Namespace) -> dict:
   report = {"metric": "fid", "fid": value, "n_real": stats["real"].n, "n_fake": stats["fake"].n,
             "protocol": args.protocol, "features": feature_name, "fd_method": args.fd_method,
             "real": args.real, "fake": args.fake, "seconds": round(time.perf_counter() - start, 3)}
+  if fingerprint or stats["real"].fingerprint:
+    report["weights_fingerprint"] = fingerprint or stats["real"].fingerprint  # sha256 prefix of the weights file
   if args.save_real_stats:
     report["saved_real_stats"] = args.save_real_stats
   return report
