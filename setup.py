@@ -36,6 +36,9 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
+        # `python -m unclip_jax.eval`: scipy for the matrix square root (jax already requires it), torch to read
+        # pytorch-fid's .pth Inception weights with weights_only=True (a .safetensors copy needs no torch).
+        "eval": ["scipy>=1.10", "torch>=2.1"],
         "test": [
             "pytest>=8",
             "pytest-xdist>=3.5",

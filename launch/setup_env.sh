@@ -20,4 +20,10 @@ spec="$root"
 [[ -n "$extras" ]] && spec="$root[$extras]"
 # torch is pinned in the constraints so pip takes the CPU wheel and never a multi-GB CUDA build.
 "$venv/bin/python" -m pip install -q -c "$root/requirements/constraints.txt" -e "$spec"
+# The FID parity references (pytorch-fid, torch-fidelity, clean-fid) without their torchvision dependency, which
+# does not import beside the pinned CPU torch; the tests load the torch-only modules they need.
+if [[ ",$extras," == *",test,"* ]]; then
+  "$venv/bin/python" -m pip install -q --no-deps -c "$root/requirements/constraints.txt" \
+    -r "$root/requirements/fid-reference.txt"
+fi
 echo "$venv"

@@ -10,6 +10,7 @@ import pytest
 
 import unclip_jax
 from unclip_jax import bundle, config_lib
+from unclip_jax.ckpt import integrity
 
 
 def tiny(stage, *overrides):
@@ -48,6 +49,7 @@ def test_float32_round_trip_is_exact(prior, tmp_path):
   assert got_cfg.model.num_layers == 2 and got_cfg.axis_rules == cfg.axis_rules
   assert bundle.list_components(tmp_path) == ["prior"]
   m = bundle.read_manifest(tmp_path)
+  assert sorted(m.pop("files")) == ["prior/config.json", "prior/params.safetensors"]
   assert m == {"format": "unclip_jax.bundle", "schema": 1, "unclip_jax": unclip_jax.__version__,
                "components": ["prior"], "source": ""}
 
@@ -111,14 +113,14 @@ def test_load_errors_name_the_file(prior, tmp_path):
   data = st.read_bytes()
   st.write_bytes(data[: len(data) // 2])
   with pytest.raises(ValueError, match="corrupt params file .*prior/params.safetensors"):
-    bundle.load_component(tmp_path, "prior")
+    bundle.load_component(tmp_path, "prior", verify=False)         # what the reader says without the record
   st.unlink()
   with pytest.raises(FileNotFoundError, match="component params not found: .*prior/params.safetensors"):
     bundle.load_component(tmp_path, "prior")
   st.write_bytes(data)
   (folder / "config.json").write_text('{"stage": "prior", "model": ')
   with pytest.raises(ValueError, match="corrupt component config .*prior/config.json"):
-    bundle.load_component(tmp_path, "prior")
+    bundle.load_component(tmp_path, "prior", verify=False)
   (folder / "config.json").unlink()
   with pytest.raises(FileNotFoundError, match="component config not found: .*prior/config.json"):
     bundle.load_component(tmp_path, "prior")
@@ -127,11 +129,11 @@ def test_load_errors_name_the_file(prior, tmp_path):
   d["model"]["num_layers"] = 1
   (folder / "config.json").write_text(json.dumps(d))
   with pytest.raises(ValueError, match="params.safetensors: unexpected parameter 'transformer_blocks_1/attn1/to_k/"):
-    bundle.load_component(tmp_path, "prior")
+    bundle.load_component(tmp_path, "prior", verify=False)
   d["model"]["num_layers"], d["stage"] = 2, "decoder"
   (folder / "config.json").write_text(json.dumps(d))
   with pytest.raises(ValueError, match="component 'prior' needs stage 'prior', got 'decoder'"):
-    bundle.load_component(tmp_path, "prior")
+    bundle.load_component(tmp_path, "prior", verify=False)
 
 
 def test_interrupted_writes_never_leave_a_half_component(prior, tmp_path, monkeypatch):
@@ -187,6 +189,110 @@ def test_manifest_checks(prior, tmp_path):
   path.write_text("{not json")
   with pytest.raises(ValueError, match="corrupt bundle manifest"):
     bundle.read_manifest(tmp_path)
+
+
+# ---- integrity records --------------------------------------------------------------------------------------------
+def _damage(path, how):
+  data = bytearray(path.read_bytes())
+  if how == "bytes":                               # 4 KiB of random bytes in the middle (the tensor data)
+    n = min(4096, len(data) // 2)
+    start = len(data) // 2 - n // 2
+    data[start:start + n] = np.random.default_rng(0).bytes(n)
+  elif how == "truncate":
+    data = data[: len(data) - 100]
+  path.write_bytes(bytes(data))
+
+
+def test_manifest_records_every_file_and_load_verifies(prior, tmp_path):
+  cfg, params = prior
+  bundle.save_component(tmp_path, "prior", cfg, params)
+  files = bundle.read_manifest(tmp_path)["files"]
+  assert sorted(files) == ["prior/config.json", "prior/params.safetensors"]
+  st = tmp_path / "prior" / "params.safetensors"
+  assert files["prior/params.safetensors"]["size"] == st.stat().st_size
+  assert files["prior/params.safetensors"] == integrity.file_digest(st)
+  assert bundle.verify_bundle(tmp_path) == ["prior"]
+  assert_trees_equal(bundle.load_component(tmp_path, "prior")[1], params)
+  bundle.write_manifest(tmp_path, source="again")                         # a rewrite keeps the record
+  assert bundle.read_manifest(tmp_path)["files"] == files
+
+
+@pytest.mark.parametrize("target,how", [("params.safetensors", "bytes"), ("params.safetensors", "truncate"),
+                                        ("config.json", "bytes")])
+def test_damaged_bundle_is_a_clear_error_unless_skipped(prior, tmp_path, target, how):
+  cfg, params = prior
+  bundle.save_component(tmp_path, "prior", cfg, params)
+  _damage(tmp_path / "prior" / target, how)
+  problem = "sha256 mismatch" if how == "bytes" else "truncated"
+  with pytest.raises(integrity.IntegrityError,
+                     match=f"bundle component 'prior' in .* is damaged: prior/{target}: {problem}.*--no-verify"):
+    bundle.load_component(tmp_path, "prior")
+  with pytest.raises(ValueError, match=f"prior/{target}: {problem}"):        # what the sample CLI prints
+    bundle.verify_bundle(tmp_path)
+  if target == "params.safetensors" and how == "bytes":                     # skipped: it loads, damaged
+    loaded = bundle.load_component(tmp_path, "prior", verify=False)[1]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
+
+
+def test_deleted_bundle_file_names_it(prior, tmp_path):
+  cfg, params = prior
+  bundle.save_component(tmp_path, "prior", cfg, params)
+  (tmp_path / "prior" / "params.safetensors").unlink()
+  with pytest.raises(FileNotFoundError, match="component params not found: .*prior/params.safetensors"):
+    bundle.load_component(tmp_path, "prior")
+  (tmp_path / "bundle.json").write_text("{not json")
+  with pytest.raises(ValueError, match="corrupt bundle manifest"):            # a damaged record is not skipped
+    bundle.verify_component(tmp_path, "prior")
+
+
+def test_bundle_without_record_loads_with_a_note(prior, tmp_path, caplog):
+  cfg, params = prior
+  bundle.save_component(tmp_path, "prior", cfg, params)
+  m = bundle.read_manifest(tmp_path)
+  del m["files"]
+  (tmp_path / "bundle.json").write_text(json.dumps(m))                     # as written before the record existed
+  with caplog.at_level("INFO", logger=bundle.__name__):
+    assert_trees_equal(bundle.load_component(tmp_path, "prior")[1], params)
+  notes = [r.getMessage() for r in caplog.records if "no integrity record" in r.getMessage()]
+  assert len(notes) == 1 and "'prior'" in notes[0]
+  (tmp_path / "bundle.json").unlink()
+  assert bundle.verify_component(tmp_path, "prior") is False               # no manifest at all: nothing to check
+
+
+def test_embedded_bundle_is_verified():
+  from unclip_jax import sample
+
+  assert bundle.verify_bundle(sample.DEFAULT_BUNDLE) == ["clip", "prior", "decoder", "super_res_first"]
+
+
+def test_sample_cli_verifies_unless_no_verify(tmp_path, monkeypatch, capsys):
+  import shutil
+
+  from unclip_jax import sample
+  from unclip_jax.inference import pipeline
+
+  with pytest.raises(SystemExit):
+    sample.parse_args(["generate", "--help"])
+  assert "--no-verify" in capsys.readouterr().out
+  # A damaged copy of the embedded bundle: the CLI stops with an error naming the file, before sampling.
+  damaged = tmp_path / "bundle"
+  shutil.copytree(sample.DEFAULT_BUNDLE, damaged)
+  _damage(damaged / "prior" / "params.safetensors", "bytes")
+  assert sample.main(["--prompt", "x", "--out", str(tmp_path / "o"), "--bundle", str(damaged)]) == 2
+  err = capsys.readouterr().err
+  assert "error: bundle component 'prior' in" in err and "prior/params.safetensors: sha256 mismatch" in err
+  assert not (tmp_path / "o").exists()
+  # --no-verify reaches the loader as verify=False (the pipeline itself is not run here).
+  seen = []
+
+  def from_bundle(cls, path, **kwargs):
+    seen.append(kwargs["verify"])
+    raise ValueError("stop here")
+
+  monkeypatch.setattr(pipeline.UnCLIP, "from_bundle", classmethod(from_bundle))
+  for flags in (["--no-verify"], []):
+    assert sample.main(["--prompt", "x", "--out", str(tmp_path / "o"), "--bundle", str(damaged), *flags]) == 2
+  assert seen == [False, True]
 
 
 # ---- export from a real training run ------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from unclip_jax.stages import common  # noqa: E402
 
 
 class ToyMLP(nn.Module):
+  hidden: int = 32
+
   @nn.compact
   def __call__(self, x, rng=None):
-    h = nn.gelu(nn.Dense(32, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+    h = nn.gelu(nn.Dense(self.hidden, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                       ("embed", "mlp")))(x))
     if rng is not None:
       h = h * jax.random.bernoulli(rng, 0.9, h.shape) / 0.9
@@ -52,8 +54,8 @@ class StepIndexedBatches:
     self.index = int(state["index"])
 
 
-def make_task(sleep=0.0):
-  model = ToyMLP()
+def make_task(sleep=0.0, hidden=32):
+  model = ToyMLP(hidden)
 
   def loss_fn(params, batch, rng):
     loss = jnp.mean((model.apply({"params": params}, batch["x"], rng) - batch["y"]) ** 2)

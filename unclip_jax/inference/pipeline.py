@@ -189,8 +189,9 @@ class UnCLIP:
 
   # ---- construction ------------------------------------------------------------------------------------------------
   @classmethod
-  def from_bundle(cls, path: str | pathlib.Path, **kwargs) -> "UnCLIP":
-    """Loads every component of a bundle folder (see `unclip_jax.bundle`)."""
+  def from_bundle(cls, path: str | pathlib.Path, *, verify: bool = True, **kwargs) -> "UnCLIP":
+    """Loads every component of a bundle folder (see `unclip_jax.bundle`), checked against the sha256 record in
+    its bundle.json unless `verify=False`."""
     from unclip_jax import bundle
 
     path = pathlib.Path(path)
@@ -201,7 +202,7 @@ class UnCLIP:
     if missing:
       raise FileNotFoundError(f"bundle {path} lacks component(s) {missing} (has {present}); a text-to-image "
                               f"bundle needs {list(REQUIRED_COMPONENTS)} and optionally super_res_first/last")
-    return cls({name: bundle.load_component(path, name) for name in present}, **kwargs)
+    return cls({name: bundle.load_component(path, name, verify=verify) for name in present}, **kwargs)
 
   def _replicated(self, params: Params) -> Params:
     """Params -> a copy on every device of the mesh (abstract ShapeDtypeStruct leaves are left as they are)."""

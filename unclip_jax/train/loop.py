@@ -170,9 +170,8 @@ def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) 
 
     mngr = CheckpointManager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
     has_data_state = hasattr(task.data, "get_state") and hasattr(task.data, "set_state")
-    if mngr.latest_step() is not None:
-      state, _ = mngr.restore(abstract_with_shardings(abstract_state, state_sh))
-      data_state = mngr.restore_data_state()
+    if mngr.latest_step() is not None:          # the newest step that verifies; damaged ones are moved aside
+      _, state, _, data_state = mngr.restore_good(abstract_with_shardings(abstract_state, state_sh))
       if has_data_state and data_state is not None:
         task.data.set_state(data_state)
       log.info("resumed from step %d", int(state.step))
