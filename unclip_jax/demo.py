@@ -368,7 +368,9 @@ class Demo:
 # ---- the page --------------------------------------------------------------------------------------------------------
 CSS = """
 #title {text-align: center}
-.gallery-item img, #t2i_gallery img {image-rendering: pixelated}
+.gallery-item img, .unclip-pixels img {image-rendering: pixelated}
+.unclip-pixels img {min-width: 160px; min-height: 160px; object-fit: contain}
+#int_strip img {height: 160px; width: auto; max-width: 100%; object-fit: contain; image-rendering: pixelated}
 """
 
 
@@ -437,7 +439,8 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
 
   def image_input(label, value=None, elem_id=None):
     img = gr.Image(label=label, value=value, type="filepath", image_mode=None, format="png",
-                   sources=["upload", "clipboard"], elem_id=elem_id, height=256)
+                   sources=["upload", "clipboard"], elem_id=elem_id, height=256,
+                   elem_classes=["unclip-pixels"])
     preprocess = img.preprocess
 
     def checked(payload):
