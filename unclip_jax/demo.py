@@ -252,6 +252,7 @@ class Demo:
     self.pipe = staged(pipe)
     self.batch_size = batch_size
     self.tmp_dir = pathlib.Path(tmp_dir or tempfile.mkdtemp(prefix="unclip_demo_"))
+    self.tmp_dir.mkdir(parents=True, exist_ok=True)
     self.defaults = self.pipe.settings()
 
   def default_form(self) -> dict[str, Any]:
@@ -318,7 +319,9 @@ class Demo:
     n = check_int(n, "Number of frames", 2, MAX_FRAMES)
     seed = check_int(seed, "Seed", 0, MAX_SEED)
     frames = M.interpolate(self.pipe, a, b, n, seed=seed)
-    gif = write_gif(frames, pathlib.Path(tempfile.mkstemp(suffix=".gif", prefix="interp_", dir=self.tmp_dir)[1]))
+    fd, path = tempfile.mkstemp(suffix=".gif", prefix="interp_", dir=self.tmp_dir)
+    os.close(fd)
+    gif = write_gif(frames, pathlib.Path(path))
     return frames, gif
 
   def text_diff(self, image, caption, target, n=5, max_theta=0.5, seed=0):
@@ -415,9 +418,10 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
   def generate(prompt, n, seed, candidates, prior_steps, prior_guidance, decoder_steps, decoder_guidance, sr_steps):
     images, scores = demo.text_to_images(prompt, n, seed, candidates, prior_steps, prior_guidance, decoder_steps,
                                          decoder_guidance, sr_steps)
-    items = [(im, f"#{k}" + (f"  CLIP {s:.1f}" if s is not None else "")) for k, (im, s) in enumerate(zip(images,
-                                                                                                          scores))]
-    return items, list(images), 0, f"{len(images)} image(s) of {images.shape[1]}×{images.shape[2]}, seed {int(float(seed))}."
+    items = [(im, f"#{k}" + (f"  CLIP {s:.1f}" if s is not None else ""))
+             for k, (im, s) in enumerate(zip(images, scores))]
+    status = f"{len(images)} image(s) of {images.shape[1]}×{images.shape[2]}, seed {int(float(seed))}."
+    return items, list(images), 0, status
   generate.__name__ = "text_to_images"
 
   def generate_stages(prompt, n, seed, candidates, *rest):
@@ -482,15 +486,15 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
             go = gr.Button("Generate", variant="primary", elem_id="t2i_go")
             status = gr.Markdown("", elem_id="t2i_status")
           with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto", object_fit="contain",
+            gallery = gr.Gallery(label="Images", format="png", columns=4, height=340, object_fit="contain",
                                  elem_id="t2i_gallery", interactive=False)
             gr.Markdown("Select an image, then send it to another tab:")
             with gr.Row():
-              to_var = gr.Button("→ Variations", size="sm")
-              to_a = gr.Button("→ Interpolation A", size="sm")
-              to_b = gr.Button("→ Interpolation B", size="sm")
-              to_diff = gr.Button("→ Text diff", size="sm")
-              to_inp = gr.Button("→ Inpainting", size="sm")
+              to_var = gr.Button("→ Variations", size="sm", min_width=80)
+              to_a = gr.Button("→ Interpolation A", size="sm", min_width=80)
+              to_b = gr.Button("→ Interpolation B", size="sm", min_width=80)
+              to_diff = gr.Button("→ Text diff", size="sm", min_width=80)
+              to_inp = gr.Button("→ Inpainting", size="sm", min_width=80)
       with gr.Tab("Variations", id="variations"):
         with gr.Row():
           with gr.Column():
@@ -609,7 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   for noisy in ("httpx", "jax", "absl"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # Uploads, outputs and gradio's cache go to a fresh temporary folder unless the user chose one.
-  tmp = os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="unclip_demo_"))
+  tmp = os.environ.get("GRADIO_TEMP_DIR") or tempfile.mkdtemp(prefix="unclip_demo_")
+  os.environ["GRADIO_TEMP_DIR"] = tmp
+  pathlib.Path(tmp).mkdir(parents=True, exist_ok=True)
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
   try:
     import gradio  # noqa: F401
