@@ -238,8 +238,9 @@ def _gallery_images(page, elem_id: str) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_demo_in_a_headless_browser(tmp_path):
-  """Starts the server (loopback only), types a prompt, clicks, and checks the images equal the CLI's; uploads an
-  image for variations; checks bad input is shown in the page. Screenshot: $UNCLIP_DEMO_SCREENSHOT (else tmp)."""
+  """Starts the server (loopback only), types a prompt, clicks, and checks the images equal the CLI's; two pages
+  click at once; uploads an image for variations; interpolates; paints a mask and inpaints; checks bad input is
+  shown in the page and the server keeps running. Screenshot: $UNCLIP_DEMO_SCREENSHOT (else tmp)."""
   sync_api = _browser_or_skip()
   seed, n = 3, 4
   env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -291,6 +292,18 @@ def test_demo_in_a_headless_browser(tmp_path):
         if os.environ.get("UNCLIP_DEMO_SCREENSHOT"):
           shutil.copyfile(shot, os.environ["UNCLIP_DEMO_SCREENSHOT"])
 
+        # two users click at once: both queued and served, one after the other
+        other = browser.new_page(viewport={"width": 1280, "height": 760})
+        other.goto(url, timeout=60_000)
+        other.wait_for_selector("#t2i_go")
+        for pg, s in ((page, 4), (other, 5)):
+          pg.fill("#t2i_seed input", str(s))
+        page.click("#t2i_go")
+        other.click("#t2i_go")
+        for pg, s in ((page, 4), (other, 5)):
+          pg.wait_for_selector(f"#t2i_status :text('seed {s}')", timeout=120_000)
+        other.close()
+
         # bad input: an empty prompt is shown in the page, and the server keeps serving
         page.fill("#t2i_prompt textarea", "   ")
         page.click("#t2i_go")
@@ -311,6 +324,36 @@ def test_demo_in_a_headless_browser(tmp_path):
         page.set_input_files("#var_image input[type=file]", str(bad))
         page.click("#var_go")
         page.get_by_text("is not an image this demo can read").first.wait_for(timeout=30_000)
+
+        # interpolation of the two pre-filled images: a strip of n frames and an animated GIF
+        page.get_by_role("tab", name="Interpolation").click()
+        page.click("#int_go")
+        page.wait_for_selector("#int_gif img", timeout=120_000)
+        gif = page.request.get(page.get_attribute("#int_gif img", "src"), timeout=30_000).body()
+        with Image.open(io.BytesIO(gif)) as im:
+          assert im.format == "GIF" and im.n_frames == 2 * 5 - 2
+        strip = page.request.get(page.get_attribute("#int_strip img", "src"), timeout=30_000).body()
+        assert Image.open(io.BytesIO(strip)).size == (5 * 64, 64)
+
+        # inpainting: a stroke painted on the pre-filled image, then a mask of the wrong size
+        page.get_by_role("tab", name="Inpainting").click()
+        box = page.locator("#inp_editor canvas").first.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 40, cy)
+        page.mouse.down()
+        for k in range(21):
+          page.mouse.move(cx - 40 + 4 * k, cy + 2 * (k % 2))
+        page.mouse.up()
+        page.click("#inp_go")
+        page.wait_for_function("document.querySelectorAll('#inp_gallery .gallery-item img').length >= 1",
+                               timeout=120_000)
+        assert _gallery_images(page, "inp_gallery")[0].shape == (64, 64, 3)
+        small = tmp_path / "mask32.png"
+        Image.new("L", (32, 32), 255).save(small)
+        page.set_input_files("#inp_mask input[type=file]", str(small))
+        page.wait_for_selector("#inp_mask img", timeout=30_000)
+        page.click("#inp_go")
+        page.get_by_text("The mask is 32x32 but the image is 64x64").first.wait_for(timeout=30_000)
       finally:
         browser.close()
     assert proc.poll() is None, "the server stopped after bad input"

@@ -421,7 +421,7 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
     items = [(im, f"#{k}" + (f"  CLIP {s:.1f}" if s is not None else ""))
              for k, (im, s) in enumerate(zip(images, scores))]
     status = f"{len(images)} image(s) of {images.shape[1]}×{images.shape[2]}, seed {int(float(seed))}."
-    return items, list(images), 0, status
+    return items, list(images), 0, status, prompt.strip()
   generate.__name__ = "text_to_images"
 
   def generate_stages(prompt, n, seed, candidates, *rest):
@@ -463,6 +463,7 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
                 f"{demo.pipe.image_size}×{demo.pipe.image_size} images. Requests run one at a time (queued).",
                 elem_id="title")
     images_state = gr.State([])
+    prompt_state = gr.State(DEFAULT_PROMPT)
     selected = gr.State(0)
     with gr.Tabs() as tabs:
       with gr.Tab("Text → images", id="t2i"):
@@ -550,8 +551,9 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
 
     t2i_inputs = [prompt, n_images, seed, candidates, prior_steps, prior_guidance, decoder_steps, decoder_guidance,
                   sr_steps]
-    go.click(guarded(generate, generate_stages), t2i_inputs, [gallery, images_state, selected, status])
-    prompt.submit(guarded(generate, generate_stages), t2i_inputs, [gallery, images_state, selected, status])
+    t2i_outputs = [gallery, images_state, selected, status, prompt_state]
+    go.click(guarded(generate, generate_stages), t2i_inputs, t2i_outputs)
+    prompt.submit(guarded(generate, generate_stages), t2i_inputs, t2i_outputs)
     var_go.click(guarded(variations, lambda *a: 4), [var_image, var_n, var_eta, var_seed], var_gallery)
     int_go.click(guarded(interpolate, lambda *a: 8), [int_a, int_b, int_n, int_seed], [int_strip, int_gif])
     diff_go.click(guarded(text_diff, lambda *a: 5), [diff_image, diff_caption, diff_target, diff_n, diff_theta,
@@ -572,7 +574,8 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
     to_var.click(lambda i, k: pick(i, k, "variations"), [images_state, selected], [var_image, tabs])
     to_a.click(lambda i, k: pick(i, k, "interpolation"), [images_state, selected], [int_a, tabs])
     to_b.click(lambda i, k: pick(i, k, "interpolation"), [images_state, selected], [int_b, tabs])
-    to_diff.click(lambda i, k: pick(i, k, "text_diff"), [images_state, selected], [diff_image, tabs])
+    to_diff.click(lambda i, k, p: pick(i, k, "text_diff") + (p,), [images_state, selected, prompt_state],
+                  [diff_image, tabs, diff_caption])
     to_inp.click(lambda i, k: pick(i, k, "inpainting"), [images_state, selected], [inp_editor, tabs])
   app.queue(default_concurrency_limit=1, max_size=32)
   return app
