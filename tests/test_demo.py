@@ -274,6 +274,8 @@ def test_demo_in_a_headless_browser(tmp_path):
         page.wait_for_selector("#t2i_go")
 
         # text -> images: the CLI's images for the same prompt, seed and (default) settings
+        page.get_by_text("Sampler settings per stage").click()              # shown in the screenshot
+        page.wait_for_selector("#decoder_steps textarea")
         page.fill("#t2i_prompt textarea", PROMPT)
         page.fill("#t2i_seed input", str(seed))
         clicked = time.monotonic()
@@ -288,7 +290,7 @@ def test_demo_in_a_headless_browser(tmp_path):
           assert a.shape == b.shape == (64, 64, 3), (k, a.shape)
           np.testing.assert_array_equal(a, b, err_msg=f"image {k} differs from the CLI's")
         shot = tmp_path / "demo.png"
-        page.screenshot(path=str(shot))
+        page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1280, "height": 640})
         if os.environ.get("UNCLIP_DEMO_SCREENSHOT"):
           shutil.copyfile(shot, os.environ["UNCLIP_DEMO_SCREENSHOT"])
 
@@ -337,16 +339,23 @@ def test_demo_in_a_headless_browser(tmp_path):
 
         # inpainting: a stroke painted on the pre-filled image, then a mask of the wrong size
         page.get_by_role("tab", name="Inpainting").click()
-        box = page.locator("#inp_editor canvas").first.bounding_box()
-        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        page.mouse.move(cx - 40, cy)
-        page.mouse.down()
-        for k in range(21):
-          page.mouse.move(cx - 40 + 4 * k, cy + 2 * (k % 2))
-        page.mouse.up()
-        page.click("#inp_go")
-        page.wait_for_function("document.querySelectorAll('#inp_gallery .gallery-item img').length >= 1",
-                               timeout=120_000)
+        page.wait_for_selector("#inp_editor canvas", timeout=30_000)
+        for attempt in range(3):                  # a stroke made while the canvas is still loading can be lost
+          page.wait_for_timeout(1500)
+          box = page.locator("#inp_editor canvas").first.bounding_box()
+          cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+          page.mouse.move(cx - 40, cy)
+          page.mouse.down()
+          page.mouse.move(cx + 40, cy + 4, steps=25)
+          page.mouse.up()
+          refusals = "document.body.innerText.split('Nothing to fill').length"
+          before = page.evaluate(refusals)
+          page.click("#inp_go")
+          page.wait_for_function(f"document.querySelectorAll('#inp_gallery .gallery-item img').length >= 1 || "
+                                 f"{refusals} > {before}", timeout=120_000)
+          if page.locator("#inp_gallery .gallery-item img").count():
+            break
+          print(f"inpainting: stroke {attempt} was not registered by the canvas, painting again")
         assert _gallery_images(page, "inp_gallery")[0].shape == (64, 64, 3)
         small = tmp_path / "mask32.png"
         Image.new("L", (32, 32), 255).save(small)
