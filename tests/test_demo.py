@@ -268,7 +268,7 @@ def test_demo_in_a_headless_browser(tmp_path):
     with sync_api.sync_playwright() as p:
       browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
       try:
-        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page = browser.new_page(viewport={"width": 1280, "height": 820})
         page.set_default_timeout(60_000)
         page.goto(url, timeout=60_000)
         page.wait_for_selector("#t2i_go")
@@ -290,7 +290,9 @@ def test_demo_in_a_headless_browser(tmp_path):
           assert a.shape == b.shape == (64, 64, 3), (k, a.shape)
           np.testing.assert_array_equal(a, b, err_msg=f"image {k} differs from the CLI's")
         shot = tmp_path / "demo.png"
-        page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1280, "height": 640})
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(shot))
         if os.environ.get("UNCLIP_DEMO_SCREENSHOT"):
           shutil.copyfile(shot, os.environ["UNCLIP_DEMO_SCREENSHOT"])
 
