@@ -187,6 +187,25 @@ def test_demo_reports_stages_and_equals_generate(pipe, tmp_path):
     demo.interpolate(images[0], images[1], 1)
 
 
+def test_changed_settings_equal_the_cli_flags(pipe, tmp_path):
+  """The form's per-stage values = the sample CLI's --prior-steps/--decoder-guidance/--sr-steps (its sampling dict)."""
+  from unclip_jax.inference.pipeline import UnCLIP
+  from unclip_jax.sample import DEFAULT_BUNDLE, parse_args, sampling_overrides
+
+  demo = D.Demo(pipe, tmp_dir=tmp_path)
+  images, _ = demo.text_to_images(PROMPT, 1, 2, 1, "10", 2.0, "12", 5.0, "3")
+  args = parse_args(["--prompt", PROMPT, "--seed", "2", "--out", str(tmp_path), "--prior-steps", "10",
+                     "--prior-guidance", "2.0", "--decoder-steps", "12", "--decoder-guidance", "5.0",
+                     "--sr-steps", "3"])
+  cli = UnCLIP.from_bundle(DEFAULT_BUNDLE, sampling=sampling_overrides(args), dtype="float32")
+  np.testing.assert_array_equal(images, cli.generate([PROMPT], seed=2, batch_size=args.batch_size).images)
+
+
+def test_command_line_defaults():
+  args = D.parser().parse_args([])
+  assert (args.host, args.port, args.bundle) == ("127.0.0.1", 7860, None)
+
+
 def test_build_app_without_a_browser(pipe, tmp_path):
   pytest.importorskip("gradio")
   app = D.build_app(pipe, demo=D.Demo(pipe, tmp_dir=tmp_path))

@@ -12,6 +12,7 @@ Uploads and outputs go to a temporary folder ($GRADIO_TEMP_DIR, a fresh one by d
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import contextvars
 import copy
@@ -19,6 +20,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -616,7 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   for noisy in ("httpx", "jax", "absl"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   # Uploads, outputs and gradio's cache go to a fresh temporary folder unless the user chose one.
-  tmp = os.environ.get("GRADIO_TEMP_DIR") or tempfile.mkdtemp(prefix="unclip_demo_")
+  tmp = os.environ.get("GRADIO_TEMP_DIR")
+  if not tmp:                                                     # ours: removed when the server stops
+    tmp = tempfile.mkdtemp(prefix="unclip_demo_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
   os.environ["GRADIO_TEMP_DIR"] = tmp
   pathlib.Path(tmp).mkdir(parents=True, exist_ok=True)
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
