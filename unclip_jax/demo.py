@@ -21,6 +21,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -612,6 +613,10 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -649,6 +654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("warm-up (every tab once) took %.1f s", examples["seconds"])
   app = build_app(pipe, demo=demo, examples=examples)
   print(f"unclip_jax demo: http://{args.host}:{args.port} (temporary files in {tmp})", flush=True)
+  signal.signal(signal.SIGTERM, _interrupt)                    # a clean stop (and clean-up) on SIGTERM too
   app.launch(server_name=args.host, server_port=args.port, show_error=True, theme=theme(), css=CSS,
              footer_links=[], allowed_paths=[tmp])
   return 0
