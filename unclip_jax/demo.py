@@ -444,7 +444,7 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
   def inpaint(editor, mask_upload, prompt, n, seed):
     return list(demo.inpaint(editor, mask_upload, prompt, n, seed))
 
-  def image_input(label, value=None, elem_id=None):
+  def image_input(label, value=None, elem_id=None, what=None):
     img = gr.Image(label=label, value=value, type="filepath", image_mode=None, format="png",
                    sources=["upload", "clipboard"], elem_id=elem_id, height=256,
                    elem_classes=["unclip-pixels"])
@@ -456,8 +456,8 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
       except gr.Error:
         raise
       except Exception:
-        raise gr.Error(f"The file given as {label.lower()} is not an image this demo can read; upload a PNG or "
-                       f"JPEG.") from None
+        raise gr.Error(f"The file given as {what or label.lower()} is not an image this demo can read; upload a "
+                       f"PNG or JPEG.") from None
     img.preprocess = checked
     return img
 
@@ -543,7 +543,7 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
                                color_mode="fixed"),
                 layers=False)
             inp_mask = image_input("Or a mask of the same size (white = keep, black = fill)", None,
-                                   elem_id="inp_mask")
+                                   elem_id="inp_mask", what="the mask")
             inp_prompt = gr.Textbox(SECOND_PROMPT, label="Prompt for the filled region")
             with gr.Row():
               inp_n = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
@@ -558,8 +558,8 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
     go.click(guarded(generate, generate_stages), t2i_inputs, t2i_outputs)
     prompt.submit(guarded(generate, generate_stages), t2i_inputs, t2i_outputs)
     var_go.click(guarded(variations, lambda *a: 4), [var_image, var_n, var_eta, var_seed], var_gallery)
-    int_go.click(guarded(interpolate, lambda *a: 8), [int_a, int_b, int_n, int_seed], [int_strip, int_gif])
-    diff_go.click(guarded(text_diff, lambda *a: 5), [diff_image, diff_caption, diff_target, diff_n, diff_theta,
+    int_go.click(guarded(interpolate, lambda *a: 6), [int_a, int_b, int_n, int_seed], [int_strip, int_gif])
+    diff_go.click(guarded(text_diff, lambda *a: 4), [diff_image, diff_caption, diff_target, diff_n, diff_theta,
                                                      diff_seed], diff_gallery)
     inp_go.click(guarded(inpaint, lambda *a: 3), [inp_editor, inp_mask, inp_prompt, inp_n, inp_seed], inp_gallery)
 
@@ -567,19 +567,20 @@ def build_app(pipe: UnCLIP, *, demo: Demo | None = None, examples: dict[str, Any
       return evt.index
     on_select.__annotations__ = {"evt": gr.SelectData}         # resolved here: gr is not a module global
 
-    gallery.select(on_select, None, selected)
+    gallery.select(on_select, None, selected, concurrency_limit=None)
 
     def pick(images, index, tab):
       if not images:
         raise gr.Error("Generate images first, then select one to send.")
       return images[min(int(index or 0), len(images) - 1)], gr.Tabs(selected=tab)
 
-    to_var.click(lambda i, k: pick(i, k, "variations"), [images_state, selected], [var_image, tabs])
-    to_a.click(lambda i, k: pick(i, k, "interpolation"), [images_state, selected], [int_a, tabs])
-    to_b.click(lambda i, k: pick(i, k, "interpolation"), [images_state, selected], [int_b, tabs])
+    light = dict(concurrency_limit=None)                           # no model: not queued behind a generation
+    to_var.click(lambda i, k: pick(i, k, "variations"), [images_state, selected], [var_image, tabs], **light)
+    to_a.click(lambda i, k: pick(i, k, "interpolation"), [images_state, selected], [int_a, tabs], **light)
+    to_b.click(lambda i, k: pick(i, k, "interpolation"), [images_state, selected], [int_b, tabs], **light)
     to_diff.click(lambda i, k, p: pick(i, k, "text_diff") + (p,), [images_state, selected, prompt_state],
-                  [diff_image, tabs, diff_caption])
-    to_inp.click(lambda i, k: pick(i, k, "inpainting"), [images_state, selected], [inp_editor, tabs])
+                  [diff_image, tabs, diff_caption], **light)
+    to_inp.click(lambda i, k: pick(i, k, "inpainting"), [images_state, selected], [inp_editor, tabs], **light)
   app.queue(default_concurrency_limit=1, max_size=32)
   return app
 
