@@ -201,6 +201,13 @@ def test_changed_settings_equal_the_cli_flags(pipe, tmp_path):
   np.testing.assert_array_equal(images, cli.generate([PROMPT], seed=2, batch_size=args.batch_size).images)
 
 
+def test_candidates_rerank_as_generate(pipe, tmp_path):
+  images, scores = D.Demo(pipe, tmp_dir=tmp_path).text_to_images(PROMPT, 2, 7, 2)
+  expected = pipe.generate([PROMPT], seed=7, images_per_prompt=2, batch_size=8, candidates=2)
+  np.testing.assert_array_equal(images, expected.images)
+  assert scores == expected.clip_scores and all(s is not None for s in scores)
+
+
 def test_command_line_defaults():
   args = D.parser().parse_args([])
   assert (args.host, args.port, args.bundle) == ("127.0.0.1", 7860, None)
@@ -331,6 +338,10 @@ def test_demo_in_a_headless_browser(tmp_path):
         page.fill("#t2i_prompt textarea", "   ")
         page.click("#t2i_go")
         page.get_by_text("The prompt is empty").first.wait_for(timeout=30_000)
+        page.fill("#t2i_prompt textarea", PROMPT)
+        page.fill("#decoder_steps textarea", "100000")
+        page.click("#t2i_go")
+        page.get_by_text("Decoder steps must be between 1 and 1000, got 100000").first.wait_for(timeout=30_000)
 
         # variations of an uploaded image
         page.get_by_role("tab", name="Variations").click()
