@@ -47,5 +47,9 @@ setup(
             "diffusers==0.42.1",
             "safetensors>=0.4",
         ],
+        # `python -m unclip_jax.demo`, the web demo.
+        "demo": ["gradio>=6.0,<7"],
+        # Its browser test (tests/test_demo.py): Playwright drives the system Chromium (apt-get install chromium).
+        "demo-test": ["gradio>=6.0,<7", "playwright>=1.40"],
     },
 )
