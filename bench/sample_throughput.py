@@ -232,7 +232,7 @@ def compile_stages(pipe, batch: int) -> list[dict]:
                             common.abstract(pipe.clip_params), ids)
   text = TextEncoding(emb, enc, sds((b, l), jnp.bool_))
   key = jax.eval_shape(lambda: jax.random.key(0))
-  null = lambda cfg: text.as_prior_cond() if cfg.get("null_text", "zeros") == "empty_prompt" else None  # same shapes
+  null = lambda cfg: text.as_prior_cond() if cfg.null_text == "empty_prompt" else None  # same shapes
   s, e = pipe.decoder_size, emb.shape[-1]
   image_emb = sds((b, e), jnp.float32)
   stages = [("text", pipe._encode_text, (common.abstract(pipe.clip_params), ids)),

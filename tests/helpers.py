@@ -224,7 +224,8 @@ def _randomize(params, seed, scale=0.05):
   """Every leaf perturbed (zero-initialised output layers would make every stage trivially constant)."""
   leaves, tree = jax.tree.flatten(params)
   rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(tree, [np.asarray(x, np.float32) + scale * rng.standard_normal(np.shape(x)).astype(np.float32)
+  return jax.tree.unflatten(tree, [np.asarray(x, np.float32)
+                                   + scale * rng.standard_normal(np.shape(x)).astype(np.float32)
                                    for x in leaves])
 
 
@@ -258,3 +259,37 @@ def build_tiny_bundle(path, seed=0, super_res=True):
     bundle.save_component(path, "super_res_first", sr_cfg, _randomize(builders.init_unet(sr, key), seed + 4))
     bundle.save_component(path, "super_res_last", sr_cfg, _randomize(builders.init_unet(sr, key), seed + 5))
   return path
+
+
+# ---- a two-process CPU training run (launch/gpu.sh) ------------------------------------------------------------
+def random_embeddings_dataset(tmp_path, n=32, e=32, length=16):
+  """A prior-training embeddings dataset of random rows (array_record) under tmp_path/emb."""
+  from unclip_jax.data import builders as data_builders
+
+  rng = np.random.default_rng(0)
+  return data_builders.build_embeddings(
+      {"image_emb": rng.standard_normal((n, e)).astype(np.float32),
+       "text_emb": rng.standard_normal((n, e)).astype(np.float32),
+       "text_enc": rng.standard_normal((n, length, e)).astype(np.float32),
+       "text_mask": np.ones((n, length), bool)}, tmp_path, "emb")
+
+
+def two_process_train(workdir, data_dir, *overrides, timeout=600):
+  """`launch/gpu.sh` training the tiny prior in 2 CPU processes of 4 devices each (one 8-device mesh, data 4 x fsdp
+  2). Returns {process index: its log text}; asserts the run succeeded."""
+  import os
+  import subprocess
+  import sys
+
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(UNCLIP_LAUNCH_CPU="1", NPROC="2", CPU_DEVICES="4",
+             UNCLIP_VENV=str(pathlib.Path(sys.executable).parent.parent))
+  cmd = ["bash", str(ROOT / "launch" / "gpu.sh"), f"--config={ROOT}/configs/prior.py:tiny", f"--workdir={workdir}",
+         f"--config.data.dirs=('{data_dir}',)", "--config.stats_examples=8", "--config.dtype=float32",
+         "--config.log_every=1", "--config.eval_every=0", "--config.mesh.data=4", "--config.mesh.fsdp=2",
+         *overrides]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+  logs = {i: (pathlib.Path(workdir) / "logs" / f"process_{i}.log").read_text() for i in range(2)}
+  assert out.returncode == 0, out.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
+  return logs
+

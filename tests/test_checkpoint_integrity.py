@@ -256,34 +256,11 @@ def _largest_file(step_dir) -> str:
 def test_two_processes_fall_back_from_a_damaged_step(tmp_path):
   """The issue's recipe through `python -m unclip_jax.train` on 2 processes (launch/gpu.sh, 4 CPU devices each):
   train to step 4 (checkpoints 2 and 4), overwrite 4 KiB in the middle of step 4's largest file, train on to 6."""
-  import pathlib
-  import subprocess
-  import sys
+  from helpers import random_embeddings_dataset, two_process_train
 
-  from unclip_jax.data import builders
-
-  root = pathlib.Path(__file__).resolve().parent.parent
-  rng = np.random.default_rng(0)
-  n, e, length = 32, 32, 16
-  emb = builders.build_embeddings(
-      {"image_emb": rng.standard_normal((n, e)).astype(np.float32),
-       "text_emb": rng.standard_normal((n, e)).astype(np.float32),
-       "text_enc": rng.standard_normal((n, length, e)).astype(np.float32),
-       "text_mask": np.ones((n, length), bool)}, tmp_path, "emb")
   workdir = tmp_path / "run"
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  env.update(UNCLIP_LAUNCH_CPU="1", NPROC="2", CPU_DEVICES="4",
-             UNCLIP_VENV=str(pathlib.Path(sys.executable).parent.parent))
-
-  def train(steps):
-    cmd = ["bash", str(root / "launch" / "gpu.sh"), f"--config={root}/configs/prior.py:tiny", f"--workdir={workdir}",
-           f"--config.data.dirs=('{emb}',)", f"--config.num_train_steps={steps}", "--config.stats_examples=8",
-           "--config.dtype=float32", "--config.log_every=1", "--config.eval_every=0", "--config.mesh.data=4",
-           "--config.mesh.fsdp=2", "--config.ckpt_every=2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
-    logs = {i: (workdir / "logs" / f"process_{i}.log").read_text() for i in range(2)}
-    assert out.returncode == 0, out.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
-    return logs
+  emb = random_embeddings_dataset(tmp_path)
+  train = lambda steps: two_process_train(workdir, emb, f"--config.num_train_steps={steps}", "--config.ckpt_every=2")
 
   train(4)
   ckpts = workdir / "checkpoints"

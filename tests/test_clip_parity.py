@@ -12,7 +12,8 @@ from unclip_jax.convert import clip as convert_clip
 from unclip_jax.models import clip as clip_lib
 
 TOL = 1e-5
-# Tiny configs (docs/layouts.md, "Tiny peer models") (projection_dim differs from the widths so a transposed projection fails).
+# Tiny configs (docs/layouts.md, "Tiny peer models"); projection_dim differs from the widths so a transposed
+# projection fails.
 TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=2, pad_token_id=1)
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
@@ -274,7 +275,7 @@ def test_missing_and_corrupt_files_name_the_path(tmp_path, hf_clip):
   with pytest.raises(ValueError, match=r"could not read checkpoint .*pytorch_model\.bin"):
     convert_clip.load_hf_clip(str(tmp_path))
   (tmp_path / "config.json").write_text("{not json")
-  with pytest.raises(ValueError, match=r"could not parse .*config\.json"):
+  with pytest.raises(ValueError, match=r"corrupt config file .*config\.json"):
     convert_clip.load_hf_clip(str(tmp_path))
   (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
   with pytest.raises(ValueError, match="unsupported architecture 'BertModel'"):

@@ -19,7 +19,8 @@ from unclip_jax.models import unet as unet_lib  # noqa: E402
 from unclip_jax.stages import builders, common  # noqa: E402
 
 import helpers  # noqa: E402
-from helpers import TP_KW, convert_decoder, decoder_diffusion, fake_randn_from, make_torch_decoder, nchw, nhwc  # noqa: E402,F401
+from helpers import (TP_KW, convert_decoder, decoder_diffusion, fake_randn_from, make_torch_decoder,  # noqa: E402,F401
+                     nchw, nhwc)
 
 UnCLIPTextProjModel = helpers.unclip_text_proj_class()
 
@@ -169,7 +170,7 @@ def test_default_null_is_the_training_drop(setup):
 
 
 def test_make_sampler_from_tiny_config(setup):
-  """configs/decoder.py:tiny builds the diffusers twin (docs/layouts.md, "Tiny peer models"); its jitted make_sampler (25 steps, g=8, clamp ±1
+  """configs/decoder.py:tiny builds the diffusers twin; its jitted make_sampler (25 steps, g=8, clamp ±1
   from cfg.sampling) reproduces the diffusers-matched 25-step result; null_text='empty_prompt' needs null_text."""
   from unclip_jax import config_lib
 

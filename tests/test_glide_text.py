@@ -1,6 +1,7 @@
 """GLIDE text encoder (models/glide_text.py) and its converter (ckpt/convert_glide_text.py).
 
-No GLIDE package exists, so the properties of GLIDE's text transformer (docs/layouts.md, "GLIDE") are checked against independent references: a hand-made
+No GLIDE package exists, so the properties of GLIDE's text transformer (docs/layouts.md, "GLIDE") are checked
+against independent references: a hand-made
 interleaved c_qkv, torch's scaled_dot_product_attention / layer_norm / exact GELU on the split projections, the
 padding and last-position rules, the state-dict round trip and its errors, and a forward of our UNet on the
 tiny decoder config with the GLIDE text pathway.

@@ -127,7 +127,8 @@ def test_inpainting_settings_are_sampling_settings(pipe, bundle_dir, tmp_path):
   mask = np.zeros((40, 40), bool)
   mask[:, :20] = True
   jumps = pipe.with_sampling(decoder={"inpaint_method": "repaint", "resample_jumps": 2})
-  assert jumps.settings()["decoder"]["resample_jumps"] == 2 and jumps.settings()["decoder"]["inpaint_method"] == "repaint"
+  settings = jumps.settings()["decoder"]
+  assert settings["resample_jumps"] == 2 and settings["inpaint_method"] == "repaint"
   one = M.inpaint(pipe, image, mask, "a red circle", n=1, paste=False)
   two = M.inpaint(jumps, image, mask, "a red circle", n=1, paste=False)
   assert not np.array_equal(one, two)

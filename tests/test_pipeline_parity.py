@@ -1,6 +1,6 @@
 """End to end: a tiny random diffusers UnCLIPPipeline, converted with our CLI, run with the same noise as ours.
 
-The pipeline is `diffusers.UnCLIPPipeline.__call__` itself (components assembled in the test; see docs/layouts.md, "Library versions"),
+The pipeline is `diffusers.UnCLIPPipeline.__call__` itself (components assembled in the test),
 with the shipped CLIP BPE as its tokenizer (pad "!", like Karlo). Its latents are passed in; its step noise, which
 `UnCLIPScheduler.step` draws with `randn_tensor`, is replaced by the arrays our samplers draw from their keys.
 """

@@ -373,7 +373,8 @@ def test_karlo_sr_and_glide_layout_round_trip():
 
 
 def test_interleaved_heads_hand_made():
-  """The per-head split (docs/layouts.md, "Fused projections") by hand: fused rows are [q_h0, k_h0, v_h0, q_h1, ...] and [k_h0, v_h0, k_h1, ...], head_dim rows each."""
+  """The per-head split (docs/layouts.md, "Fused projections") by hand: fused rows are [q_h0, k_h0, v_h0, q_h1,
+  ...] and [k_h0, v_h0, k_h1, ...], head_dim rows each."""
   heads, d, c, dc = 4, 16, 64, 24
   rng = np.random.default_rng(3)
   q, k, v = (rng.standard_normal((heads * d, c)).astype(np.float32) for _ in range(3))

@@ -62,7 +62,8 @@ def abstract_params(cfg) -> Params:
 
   stage = cfg.get("stage") if hasattr(cfg, "get") else None
   if stage not in set(COMPONENT_STAGES.values()):
-    raise ValueError(f"config stage {stage!r} has no bundle component (stages: {sorted(set(COMPONENT_STAGES.values()))})")
+    raise ValueError(f"config stage {stage!r} has no bundle component "
+                     f"(stages: {sorted(set(COMPONENT_STAGES.values()))})")
   return stages.get(stage).abstract_params(cfg)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 from typing import Any, Mapping
 
@@ -350,14 +351,10 @@ def read_state_dict(path: str) -> dict[str, Any]:
 
 
 def read_hf_config(directory: str) -> dict[str, Any]:
-  path = os.path.join(directory, CONFIG_NAME)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file not found: {path}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"could not parse {path}: {e}") from e
+  """DIRECTORY/config.json; FileNotFoundError / ValueError naming the file when it is missing or corrupt."""
+  from unclip_jax import bundle
+
+  return bundle.read_json(pathlib.Path(directory) / CONFIG_NAME, "config file")
 
 
 def load_hf_clip(directory: str) -> tuple[clip_lib.CLIPConfig, Params]:

@@ -6,8 +6,8 @@ Keys (docs/layouts.md, "GLIDE"), exactly the remainder `convert_unet.glide_to_pa
   transformer.resblocks.{i}.ln_1 / ln_2 / final_ln  -> .../scale, .../bias                      copy
   transformer.resblocks.{i}.attn.c_qkv (3W, W), attn.c_proj, mlp.c_fc, mlp.c_proj, transformer_proj
                                                    -> .../kernel (.T), .../bias
-`c_qkv` keeps GLIDE's per-head interleaved row order [q_h0, k_h0, v_h0, q_h1, ...] (docs/layouts.md, "Fused projections"): the module splits its
-output per head (`glide_text.split_qkv`), so import and export are plain transposes. A missing, unexpected or
+`c_qkv` keeps GLIDE's per-head interleaved row order [q_h0, k_h0, v_h0, q_h1, ...] (docs/layouts.md, "Fused
+projections"): the module splits its output per head (`glide_text.split_qkv`), so import and export are plain transposes. A missing, unexpected or
 mis-shaped key raises a ValueError naming it. Whole-checkpoint helpers split a GLIDE file into UNet trunk
 (`convert_unet`) and text encoder.
 """

@@ -247,7 +247,7 @@ class Taker:
     return {k: v for k, v in self.src.items() if k not in self.used}
 
 
-# ---- fused attention projections (docs/layouts.md) -----------------------------------------------------------------------
+# ---- fused attention projections (docs/layouts.md) -----------------------------------------------------------
 def split_heads(weight: np.ndarray, bias: np.ndarray, num_heads: int, head_dim: int, k: int = 3):
   """Per-head interleaved fused projection -> k separate ones.
 

@@ -255,7 +255,8 @@ KARLO_PREFIX = "model."
 
 
 def guided_module_map(model_cfg) -> list[tuple[str, str, str]]:
-  """(original module, diffusers module, kind) for every UNet module; kind in {'plain', 'res', 'attn'} (docs/layouts.md, "Karlo decoder")."""
+  """(original module, diffusers module, kind) for every UNet module; kind in {'plain', 'res', 'attn'}
+  (docs/layouts.md, "Karlo decoder")."""
   m = builders.unet(model_cfg)
   n, layers, att = m.num_levels, m.layers_per_block, tuple(m.attention_levels)
   out = [(o, d, "plain") for o, d in _TOP]
@@ -402,7 +403,8 @@ KARLO_SR_MODELS = (("model_first_steps.", "super_res_first"), ("model_last_step.
 
 
 def karlo_sr_to_params(state: Mapping[str, Any], unet_cfg) -> dict[str, Params]:
-  """Karlo super-res `.ckpt` state dict -> {'super_res_first': params, 'super_res_last': params} (docs/layouts.md, "Karlo decoder")."""
+  """Karlo super-res `.ckpt` state dict -> {'super_res_first': params, 'super_res_last': params}
+  (docs/layouts.md, "Karlo decoder")."""
   state = _strip(state, KARLO_PREFIX)
   out = {}
   for prefix, name in KARLO_SR_MODELS:

@@ -1,4 +1,5 @@
-"""CLIP BPE tokenizer: transformers `CLIPTokenizer` built from the shipped OpenAI vocabulary (docs/layouts.md, "Tokenizer").
+"""CLIP BPE tokenizer: transformers `CLIPTokenizer` built from the shipped OpenAI vocabulary (docs/layouts.md,
+"Tokenizer").
 
 The vocabulary is OpenAI's `bpe_simple_vocab_16e6.txt.gz` (MIT, see `assets/LICENSE-clip-bpe.txt`). At load time:
   merges = lines[1:48895]                                       (48 894 merges; line 0 is a version header)

@@ -231,7 +231,8 @@ def stats_to_params(pca: PCA, quantizer: Quantizer, dot_quantizer: DotQuantizer)
   return {"pca_mean": f32(pca.mean), "pca_components": f32(pca.components),
           "pca_explained_variance": f32(pca.explained_variance), "pca_total_variance": f32([pca.total_variance]),
           "code_low": f32(quantizer.low), "code_high": f32(quantizer.high),
-          "dot_range": f32([dot_quantizer.low, dot_quantizer.high]), "dot_quantiles": f32(dot_quantizer.train_quantiles)}
+          "dot_range": f32([dot_quantizer.low, dot_quantizer.high]),
+          "dot_quantiles": f32(dot_quantizer.train_quantiles)}
 
 
 def stats_from_params(stats, *, num_buckets: int, num_dot_buckets: int) -> tuple[PCA, Quantizer, DotQuantizer]:

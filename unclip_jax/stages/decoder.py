@@ -296,10 +296,12 @@ def loss_fn(params, batch, rng, *, unet, text_proj, diffusion: GaussianDiffusion
   t_rng, noise_rng, clip_rng, text_rng, dropout_rng = jax.random.split(rng, 5)
   drop_image = jax.random.bernoulli(clip_rng, clip_drop_prob, (b,))
   drop_text = jax.random.bernoulli(text_rng, text_drop_prob, (b,))
-  keep = lambda x: jnp.where(drop_text.reshape((b,) + (1,) * (x.ndim - 1)), jnp.zeros_like(x), x)
+  null = common.zeros_null_text(b, batch["text_enc"].shape[1], batch["text_emb"].shape[1])   # the sampler's uncond text
+  pick = lambda n, x: jnp.where(drop_text.reshape((b,) + (1,) * (x.ndim - 1)), n.astype(x.dtype), x)
   cond = text_proj.apply({"params": params["text_proj"]}, image_embeddings=batch["image_emb"],
-                         prompt_embeds=keep(batch["text_emb"]), text_encoder_hidden_states=keep(batch["text_enc"]),
-                         text_mask=keep(batch["text_mask"]).astype(bool), do_classifier_free_guidance=False,
+                         prompt_embeds=pick(null.emb, batch["text_emb"]),
+                         text_encoder_hidden_states=pick(null.enc, batch["text_enc"]),
+                         text_mask=pick(null.mask, batch["text_mask"].astype(bool)), do_classifier_free_guidance=False,
                          drop_image=drop_image, method=type(text_proj).conditioning)
   t = diffusion.sample_timesteps(t_rng, b)
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)

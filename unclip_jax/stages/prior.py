@@ -196,13 +196,13 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
   conds = _tile(cond, n)
   if settings.guidance_scale != 1.0:
     null = null_cond if null_cond is not None else null_text_cond(model, b)
-    check_text_cond(model, _broadcast_null(model, null, b), "null_cond")
-    bound = jax.tree.map(lambda u, c: jnp.concatenate([u.astype(c.dtype), c]), _tile(_broadcast_null(model, null, b), n),
-                         conds)                                                                   # [uncond; cond]
+    null = _broadcast_null(model, null, b)
+    check_text_cond(model, null, "null_cond")
+    bound = jax.tree.map(lambda u, c: jnp.concatenate([u.astype(c.dtype), c]), _tile(null, n), conds)  # [uncond; cond]
   else:
     bound = conds
   x0 = samplers.sample(model_fn_for(model, params, bound), x_T, noise_rng, diffusion=diffusion, steps=steps,
-                       settings=settings, progress=progress)                                                        # [n·B, E]
+                       settings=settings, progress=progress)                                 # [n·B, E]
   emb = model.apply({"params": params}, x0, method=PriorTransformer.denormalize).reshape(n, b, e)
   scores = jnp.einsum("nbe,be->nb", _unit(emb), _unit(cond.emb.astype(jnp.float32)))
   best = jnp.take_along_axis(emb, jnp.argmax(scores, axis=0)[None, :, None], axis=0)[0]         # [B, E]
@@ -286,5 +286,5 @@ def make_task(cfg, *, data: Iterator[dict] | None = None, stats_data: Iterator[d
               "text_baseline_cosine": jnp.mean(common.cosine(held["text_emb"], held["image_emb"]))}
 
   loss = functools.partial(loss_fn, model=models.prior, diffusion=models.diffusion, text_drop_prob=cfg.text_drop_prob)
-  return Task(init_params=init, loss_fn=loss, data=common.MappedIterator(data, lambda b: common.select(b, EMBEDDING_KEYS)),
-              evaluate=evaluate)
+  data = common.MappedIterator(data, lambda b: common.select(b, EMBEDDING_KEYS))
+  return Task(init_params=init, loss_fn=loss, data=data, evaluate=evaluate)

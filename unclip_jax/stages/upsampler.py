@@ -7,8 +7,8 @@ Every step the UNet sees cat([x_t, resize(low_res)]) (`common.model_input`, low-
 diffusers and Karlo); the resize (bicubic with antialias = Karlo/diffusers, or bilinear = GLIDE) is done once,
 before the loop. No classifier-free guidance. x̂0 is clamped to ±1 and the output to [-1, 1].
 
-Karlo's two-model split (diffusers' `super_res_first` / `super_res_last`): `params_first` (super_res_first) runs every step except the last and
-`params_last` (super_res_last, fine-tuned for the final step) only the final one; `params_last=None` runs one
+Karlo's two-model split (diffusers' `super_res_first` / `super_res_last`): `params_first` (super_res_first) runs
+every step except the last and `params_last` (super_res_last, fine-tuned for the final step) only the final one; `params_last=None` runs one
 model for all steps. The switch is a `lax.cond` on the step's timestep inside the single `lax.scan`, so only the
 selected model is evaluated.
 """
