@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -196,11 +197,9 @@ class CLIPScorer:
 
   def __init__(self, clip: LoadedCLIP, batch_size: int = 64, devices: Sequence[Any] | None = None):
     import jax
-    import jax.numpy as jnp
 
     from unclip_jax.data.tokenizer import CLIPTokenizer
     from unclip_jax.inference.pipeline import data_mesh, default_devices
-    from unclip_jax.models.clip import CLIP
 
     if batch_size < 1:
       raise ValueError(f"batch size must be >= 1, got {batch_size}")
@@ -215,19 +214,7 @@ class CLIPScorer:
     self._rows = jax.sharding.NamedSharding(self.mesh, spec)
     self.params = jax.device_put(clip.params, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.tokenizer = CLIPTokenizer(context_length=clip.context_length)
-    model = CLIP(clip.config)
-
-    def image_embeds(p, px):
-      return model.apply({"params": p}, px, method=model.encode_image)[0].astype(jnp.float32)
-
-    def scores(p, px, ids):
-      img = image_embeds(p, px)
-      txt = model.apply({"params": p}, ids, method=model.encode_text)[0].astype(jnp.float32)
-      cos = jnp.sum(_l2n(img) * _l2n(txt), axis=-1)
-      return CLIP_SCORE_SCALE * cos                                                   # [B]
-
-    self._image_embeds = jax.jit(image_embeds)
-    self._scores = jax.jit(scores)
+    self._image_embeds, self._scores = _jitted(clip.config)
 
   @property
   def num_devices(self) -> int:
@@ -301,6 +288,28 @@ class CLIPScorer:
     if progress:
       print(file=sys.stderr)
     return (np.concatenate(out) if out else np.zeros((0,), np.float64)), n_truncated
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(config):
+  """(image_embeds(params, pixels [B, S, S, 3]) -> [B, E], scores(params, pixels, ids [B, T]) -> [B] 100·cos),
+  jitted once per CLIPConfig (params are an argument, not constants)."""
+  import jax
+  import jax.numpy as jnp
+
+  from unclip_jax.models.clip import CLIP
+
+  model = CLIP(config)
+
+  def image_embeds(p, px):
+    return model.apply({"params": p}, px, method=model.encode_image)[0].astype(jnp.float32)
+
+  def scores(p, px, ids):
+    img = image_embeds(p, px)
+    txt = model.apply({"params": p}, ids, method=model.encode_text)[0].astype(jnp.float32)
+    return CLIP_SCORE_SCALE * jnp.sum(_l2n(img) * _l2n(txt), axis=-1)
+
+  return jax.jit(image_embeds), jax.jit(scores)
 
 
 def _l2n(x):
