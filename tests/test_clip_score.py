@@ -319,3 +319,31 @@ def test_end_to_end_shapes(tmp_path):
   print(f"CLIP score generated {score_gen['clip_score']:.2f}, real {score_real['clip_score']:.2f} "
         f"({time.perf_counter() - start:.0f} s)")
   assert score_gen["clip_score"] > 70 and score_real["clip_score"] > 80
+
+
+_SHARDED = r"""
+import json, sys
+import jax, numpy as np
+from unclip_jax.eval import clip_score as cs
+rng = np.random.default_rng(0)
+images = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(6)]
+prompts = ["a red circle", "a blue square on a white background", "green triangle"] * 2
+clip = cs.load_clip()
+out = {}
+for name, devices, bs in (("one", jax.local_devices()[:1], 4), ("two", jax.local_devices(), 4),
+                          ("odd", jax.local_devices(), 3)):
+  s = cs.CLIPScorer(clip, batch_size=bs, devices=devices)
+  raw, _ = s.score_pairs((str(i), im, p) for i, (im, p) in enumerate(zip(images, prompts)))
+  out[name] = {"scores": raw.tolist(), "sharded": s.sharded, "devices": s.num_devices}
+print(json.dumps(out))
+"""
+
+
+def test_sharded_over_two_host_devices():
+  """Batches sharded by rows over 2 (forced host) devices give the one-device scores; 3 rows replicate."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env, check=True)
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["two"]["devices"] == 2 and out["two"]["sharded"] and not out["odd"]["sharded"]
+  np.testing.assert_allclose(out["two"]["scores"], out["one"]["scores"], atol=1e-4)
+  np.testing.assert_allclose(out["odd"]["scores"], out["one"]["scores"], atol=1e-4)
