@@ -1,10 +1,14 @@
 """Evaluation metrics as papers report them.
 
   `python -m unclip_jax.eval fid --real PATH_OR_NPZ --fake PATH --inception-weights pt_inception-2015-12-05-6726825d.pth`
+  `python -m unclip_jax.eval fid --features clip [--clip PATH] --real PATH_OR_NPZ --fake PATH`   (CLIP-FD)
+  `python -m unclip_jax.eval clip-score --images PATH [--captions FILE] [--clip PATH]`
 
 Modules:
   fid                  statistics (mu, sigma), the Fréchet distance (pytorch-fid's formula), the `.npz` cache.
-  features             the feature-extractor registry ("inception"; CLIP features can register alongside).
+  features             the feature-extractor registry ("inception", "clip").
+  clip_score           CLIP loading (bundle / component / transformers folder), the batched sharded scorer,
+                       image + prompt inputs (sidecar JSON, shards, captions files).
   protocols            the "clean" (clean-fid) and "pytorch-fid" resize/normalise protocols, uint8 -> [299, 299, 3].
   images               folders of images / webdataset .tar shards -> uint8 RGB [H, W, 3].
 

@@ -6,8 +6,16 @@
         --inception-weights pt_inception-2015-12-05-6726825d.pth [--protocol clean|pytorch-fid] \\
         [--batch-size 50] [--save-real-stats coco_clean.npz] [--json report.json]
 
-Prints one JSON line: {"metric": "fid", "fid", "n_real", "n_fake", "protocol", "features", "seconds", ...}.
-Subcommands live in `SUBCOMMANDS` (name -> (add_arguments, run)), so others (e.g. clip-score) can be added.
+    CLIP-FD (clean-fid's CLIP mode: Fréchet distance of CLIP image embeddings), offline with the embedded CLIP:
+    python -m unclip_jax.eval fid --features clip [--clip BUNDLE_OR_HF_CLIP] --real real/ --fake samples/
+
+  clip-score   100·max(cos(image, prompt), 0) averaged over image/prompt pairs (torchmetrics' CLIPScore):
+
+    python -m unclip_jax.eval clip-score --images samples/ [--captions captions.jsonl] \\
+        [--clip clip-vit-base-patch16/] [--batch-size 64] [--json report.json]
+
+Each prints one JSON line ({"metric": "fid" | "clip_score", ...}). Subcommands live in `SUBCOMMANDS`
+(name -> (add_arguments, run)).
 """
 from __future__ import annotations
 
@@ -42,7 +50,11 @@ def _add_fid_arguments(p: argparse.ArgumentParser) -> None:
                       "'pytorch-fid' = pytorch-fid (x/255 resized with bilinear F.interpolate, no antialias, "
                       "then 2x-1). Default: %(default)s")
   p.add_argument("--features", default="inception", choices=features_lib.available_feature_extractors(),
-                 help="feature extractor (default: %(default)s = InceptionV3 pool3, 2048-d)")
+                 help="feature extractor (default: %(default)s = InceptionV3 pool3, 2048-d; 'clip' = CLIP image "
+                      "embeddings, clean-fid's CLIP mode, with --clip)")
+  p.add_argument("--clip", default=None, metavar="PATH",
+                 help="with --features clip: a bundle, a bundle's clip component or a transformers CLIP folder "
+                      "(default: the embedded bundle's CLIP)")
   p.add_argument("--batch-size", type=int, default=50, help="images per network call (default: %(default)s)")
   p.add_argument("--save-real-stats", default=None, metavar="OUT.npz",
                  help="write the real set's statistics (mu, sigma, n, protocol, features) for reuse as --real")
@@ -99,8 +111,9 @@ def run_fid(args: argparse.Namespace) -> dict:
     if args.features == "inception" and not args.inception_weights:
       raise CLIError("--inception-weights is required to compute features (pytorch-fid's "
                      f"{inception_weights.FID_WEIGHTS_NAME}; it is not downloaded)")
+    weights = args.clip if args.features == "clip" else args.inception_weights
     try:
-      extractor = features_lib.build_feature_extractor(args.features, weights=args.inception_weights,
+      extractor = features_lib.build_feature_extractor(args.features, weights=weights,
                                                        protocol=args.protocol, batch_size=args.batch_size)
     except (inception_weights.InceptionWeightsError, ValueError, OSError) as e:
       raise CLIError(str(e)) from e
@@ -108,7 +121,7 @@ def run_fid(args: argparse.Namespace) -> dict:
     check_cached(fingerprint)
   elif stats["real"].fingerprint and stats["fake"].fingerprint \
       and stats["real"].fingerprint != stats["fake"].fingerprint:
-    raise CLIError("--real and --fake statistics were computed with different Inception weights "
+    raise CLIError("--real and --fake statistics were computed with different weights "
                    f"({stats['real'].fingerprint} vs {stats['fake'].fingerprint})")
   for k in need_images:
     source = sides[k]
@@ -134,13 +147,80 @@ def run_fid(args: argparse.Namespace) -> dict:
     report["weights_fingerprint"] = fingerprint or stats["real"].fingerprint  # sha256 prefix of the weights file
   if args.save_real_stats:
     report["saved_real_stats"] = args.save_real_stats
+  if args.features == "clip" and extractor is not None:
+    report["clip"] = args.clip or "embedded"
   return report
+
+
+def _add_clip_score_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--images", required=True,
+                 help="a folder of images with NNNN.json sidecars holding \"prompt\" (what `python -m "
+                      "unclip_jax.sample` writes), webdataset .tar shards (key.png + key.json / key.txt), a glob of "
+                      "either, or a folder with --captions")
+  p.add_argument("--captions", default=None, metavar="FILE",
+                 help=".jsonl ({\"file\": ..., \"caption\": ...} a line) or .csv (header with file and caption "
+                      "columns); files relative to --images or matched by file name")
+  p.add_argument("--clip", default=None, metavar="PATH",
+                 help="a bundle folder (its clip component), a bundle clip component folder, or a transformers "
+                      "CLIP folder (e.g. openai/clip-vit-base-patch16 saved locally, as Karlo reports; converted on "
+                      "load). Default: the embedded bundle's CLIP")
+  p.add_argument("--batch-size", type=int, default=64,
+                 help="pairs per device call, sharded over the local devices when it divides (default: "
+                      "%(default)s)")
+  p.add_argument("--no-verify", action="store_true", help="skip the bundle's sha256 check of its clip component")
+  p.add_argument("--scores", default=None, metavar="OUT.jsonl",
+                 help="also write one {\"image\", \"prompt\", \"clip_score\"} line per pair")
+  p.add_argument("--json", default=None, metavar="REPORT.json", help="also write the result to this file")
+  p.add_argument("--progress", action="store_true", help="show a progress counter on stderr")
+
+
+def run_clip_score(args: argparse.Namespace) -> dict:
+  from unclip_jax.eval import clip_score as cs
+
+  start = time.perf_counter()
+  if args.batch_size < 1:
+    raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+  try:
+    pairs = cs.read_pairs(args.images, args.captions)
+    clip = cs.load_clip(args.clip, verify=not args.no_verify)
+    scorer = cs.CLIPScorer(clip, batch_size=args.batch_size)
+    raw, n_truncated = scorer.score_pairs(iter(pairs), progress=args.progress, total=len(pairs))
+  except (cs.PairsError, cs.CLIPLoadError, images_lib.ImageSourceError) as e:
+    raise CLIError(str(e)) from e
+  if n_truncated:
+    warnings.warn(f"{n_truncated} of {len(pairs)} prompts are longer than the CLIP's context length "
+                  f"{clip.context_length} and were truncated (as every CLIP score implementation must)")
+  if args.scores:
+    if os.path.dirname(args.scores):
+      os.makedirs(os.path.dirname(args.scores), exist_ok=True)
+    with open(args.scores, "w") as f:
+      for (name, _), prompt, s in zip(_names(pairs.source), pairs.prompts, raw):
+        f.write(json.dumps({"image": name, "prompt": prompt, "clip_score": max(float(s), 0.0)}) + "\n")
+  report = {"metric": "clip_score", **cs.summarize(raw), "n": int(raw.size), "images": args.images,
+            "captions": args.captions, "clip": args.clip or "embedded", "clip_kind": clip.kind,
+            "image_size": clip.crop_size, "resize_size": clip.resize_size, "context_length": clip.context_length,
+            "n_truncated": n_truncated, "devices": scorer.num_devices, "sharded": scorer.sharded,
+            "batch_size": args.batch_size, "seconds": round(time.perf_counter() - start, 3)}
+  if clip.fingerprint:
+    report["weights_fingerprint"] = clip.fingerprint
+  return report
+
+
+def _names(source: images_lib.ImageSource):
+  for f in source.files:
+    yield f, None
+  for shard, members in source.shards:
+    for m in members:
+      yield f"{shard}:{m}", None
 
 
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], dict]]] = {
     "fid": (_add_fid_arguments, run_fid),
+    "clip-score": (_add_clip_score_arguments, run_clip_score),
 }
-_HELP = {"fid": "Fréchet Inception Distance between two image sets (pytorch-fid / clean-fid protocols)"}
+_HELP = {"fid": "Fréchet Inception Distance between two image sets (pytorch-fid / clean-fid protocols); "
+                "--features clip: CLIP-FD",
+         "clip-score": "CLIP score 100·max(cos(image, prompt), 0) of image/prompt pairs (torchmetrics' CLIPScore)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,9 +4,11 @@ A `FeatureExtractor` turns uint8 RGB images [H, W, 3] into float64 features [N, 
 image) makes the network input, `apply_batch` (device, jitted, fixed batch shape) runs the network. Registered:
 
   "inception": the FID InceptionV3 pool3 features (2048-d), pytorch-fid's weights, under a resize protocol.
+  "clip":      CLIP image embeddings (projected, unnormalized; clean-fid's CLIP mode) of any CLIP `eval.clip_score`
+               loads (default: the embedded bundle's, so a CLIP-FD works offline).
 
-A new extractor (e.g. CLIP image features for a CLIP-feature FD) registers a factory with
-`@register_feature_extractor("clip")`; the `fid` CLI's `--features` choices come from this registry.
+A new extractor registers a factory with `@register_feature_extractor(name, feature_name)`; the `fid` CLI's
+`--features` choices come from this registry.
 """
 from __future__ import annotations
 
@@ -165,7 +167,7 @@ def inception_feature_extractor(weights: str | os.PathLike | None = None, protoc
   import jax
 
   from unclip_jax.convert import inception as inception_weights
-from unclip_jax.eval import protocols
+  from unclip_jax.eval import protocols
   from unclip_jax.models.inception import POOL_DIM
 
   protocols.check_protocol(protocol)
@@ -186,3 +188,31 @@ from unclip_jax.eval import protocols
   return FeatureExtractor(name=INCEPTION_FEATURES, dim=POOL_DIM, protocol=protocol,
                           preprocess=functools.partial(protocols.preprocess, protocol=protocol),
                           apply_batch=forward, batch_size=batch_size, fingerprint=fingerprint)
+
+
+CLIP_FEATURES = "clip-image-embeds"
+
+
+@register_feature_extractor("clip", CLIP_FEATURES)
+def clip_feature_extractor(weights: str | os.PathLike | None = None, protocol: str = "clean",
+                           batch_size: int = 50, clip: Any = None) -> FeatureExtractor:
+  """CLIP image embeddings [N, E] (projected, unnormalized, as clean-fid's CLIP mode) of any loadable CLIP.
+
+  `weights`: a bundle / bundle clip component / transformers CLIP folder (default: the embedded bundle's CLIP, so
+  this works offline); or pass a loaded `clip` (eval.clip_score.LoadedCLIP). Images get CLIP's own preprocessing
+  (shortest side -> image size, PIL bicubic, centre crop, mean/std), as clean-fid's CLIP features do; only the
+  "clean" protocol is accepted (the Inception resize protocols do not apply).
+  """
+  from unclip_jax.eval import clip_score
+
+  if protocol != "clean":
+    raise ValueError(f"--features clip uses CLIP's own preprocessing (resize, centre crop); protocol {protocol!r} "
+                     "does not apply, use --protocol clean")
+  loaded = clip if clip is not None else clip_score.load_clip(weights)
+  scorer = clip_score.CLIPScorer(loaded, batch_size=batch_size)
+
+  def forward(x):
+    return scorer.image_embeds_batch(np.asarray(x, np.float32))
+
+  return FeatureExtractor(name=CLIP_FEATURES, dim=loaded.embed_dim, protocol=protocol, preprocess=scorer.preprocess,
+                          apply_batch=forward, batch_size=batch_size, fingerprint=loaded.fingerprint)
