@@ -197,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated per-device batch sizes for every stage (default per stage: karlo decoder 32, "
                       "prior 256, super_res 32, clip 128; tiny 8)")
   p.add_argument("--remat", default="none",
-                 help="comma-separated remat policies (UNets: any of unet.REMAT_POLICIES; prior/CLIP: 'none' or "
-                      "anything else = nn.remat per block)")
+                 help="comma-separated remat policies (the config's remat_policy, every stage: any of "
+                      "models.layers.REMAT_POLICIES)")
   p.add_argument("--dtype", default=None, help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
   p.add_argument("--repeats", type=int, default=5, help="timed steps (median reported) after one warm-up step")
   p.add_argument("--compile-only", action="store_true",
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     batches = common.parse_ints(args.batch, "--batch") if args.batch else None
   except ValueError as e:
     raise SystemExit(f"error: {e}")
-  from unclip_jax.models.unet import REMAT_POLICIES
+  from unclip_jax.models.layers import REMAT_POLICIES
 
   remats = [r.strip() for r in args.remat.split(",") if r.strip()]
   bad = [r for r in remats if r not in REMAT_POLICIES]
