@@ -357,7 +357,7 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
   clip_p = shard(pipe.clip_params, True)
   ids = shard(sds((b, l), jnp.int32))
   emb, enc = jax.eval_shape(lambda p, i: pipe.clip.apply({"params": p}, i, method=CLIP.encode_text), clip_p, ids)
-  text = shard(TextEncoding(emb, enc, sds((b, l), jnp.bool_)))
+  text = TextEncoding(*shard((emb, enc, sds((b, l), jnp.bool_))))
   key = shard(key)
   null = lambda cfg: text.as_prior_cond() if cfg.get("null_text", "zeros") == "empty_prompt" else None
   s, e = pipe.decoder_size, emb.shape[-1]
