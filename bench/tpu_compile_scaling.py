@@ -1,0 +1,53 @@
+"""How the TPU compile time of the decoder train step grows with UNet depth (levels, res blocks per level).
+
+Every level and res block is unrolled into the HLO (no nn.scan), so compile time grows with the block count, not
+with the channel width. Micro widths (8 channels) keep each compile short; the TPU is abstract (needs libtpu).
+
+  python bench/tpu_compile_scaling.py [--topology v5e:2x2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+VARIANTS = (   # (levels, layers_per_block)
+    (1, 1), (2, 1), (3, 1), (4, 1), (2, 2), (2, 4))
+
+
+def overrides(levels: int, layers: int) -> list[str]:
+  return [f"model.block_out_channels={(8,) * levels!r}", f"model.attention_levels={(False,) * levels!r}",
+          f"model.layers_per_block={layers}", "model.norm_num_groups=4", "model.image_size=16", "batch_size=4",
+          "model.mid_block_attention=False"]
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--topology", default="v5e:2x2")
+  p.add_argument("--json", default=None)
+  args = p.parse_args(argv)
+  from unclip_jax import config_lib, preflight
+
+  preflight.prepare_env()
+  rows = []
+  for levels, layers in VARIANTS:
+    cfg = config_lib.load_config(f"{common.CONFIG_DIR / 'decoder.py'}:tiny", overrides(levels, layers))
+    row = preflight.train_preflight(cfg, args.topology)
+    row.update(levels=levels, layers_per_block=layers, res_blocks=levels * (2 * layers + 1) + 2)
+    rows.append(row)
+    print(f"[bench] levels {levels} x {layers} blocks: compile {row['compile_s']:.1f}s", file=sys.stderr, flush=True)
+  print(common.markdown_table(
+      ("levels", "res blocks/level (down)", "res blocks total", "params", "compile s", "code MiB", "GFLOP/step"),
+      [(r["levels"], r["layers_per_block"], r["res_blocks"], r["params"], f"{r['compile_s']:.1f}",
+        f"{r['code_bytes'] / 2 ** 20:.1f}", common.fmt(r["flops"], ".3g", 1e-9)) for r in rows]))
+  if args.json:
+    common.write_json(args.json, {"topology": args.topology, "rows": rows})
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
