@@ -70,6 +70,18 @@ def test_bad_mesh_or_batch_fails_before_compiling(overrides, message):
     preflight.train_preflight(cfg, "v5e:2x2")
 
 
+def test_abstract_batches_have_the_keys_the_stages_read():
+  from unclip_jax.stages.common import EMBEDDING_KEYS
+
+  dec = config_lib.load_config("configs/decoder.py:tiny", [])
+  spec = preflight.abstract_batch(dec, text_length=16)
+  assert set(spec) == {"image", *EMBEDDING_KEYS} and spec["image"][0] == (8, dec.model.image_size, dec.model.image_size, 3)
+  assert spec["text_enc"][0] == (8, 16, dec.model.clip_embedding_dim) and spec["text_mask"][1] == "bool"
+  prior = config_lib.load_config("configs/prior.py:tiny", [])
+  assert set(preflight.abstract_batch(prior)) == set(EMBEDDING_KEYS)
+  assert set(preflight.abstract_batch(config_lib.load_config("configs/upsampler.py:tiny", []))) == {"image"}
+
+
 def test_unsupported_stage_is_a_clear_error():
   cfg = config_lib.load_config("configs/clip.py:tiny", [])
   with pytest.raises(preflight.PreflightError, match="not 'clip'"):
@@ -138,6 +150,16 @@ def test_train_step_compiles_for_v5e(tmp_path):
   assert row["flops"] > 0 and row["est_seconds"] > 0 and 0 < row["est_mfu"] < 1
   assert "| train decoder:tiny | v5e:2x2 | 4 |" in proc.stdout and "FITS" in proc.stdout
   assert not list(tmp_path.iterdir())                     # compile-only writes no checkpoint
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_prior_train_step_compiles_for_v5e(tmp_path):
+  proc = _run(["unclip_jax.train", "--config", "prior:tiny", "--workdir", str(tmp_path), "--compile_only",
+               "--topology", "v5e:2x2"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  (row,) = _rows(proc)
+  assert row["program"] == "train prior:tiny" and row["fits"] and row["flops"] > 0
 
 
 def _micro_bundle(path: pathlib.Path) -> pathlib.Path:
