@@ -43,8 +43,10 @@ def main(argv=None) -> int:
     rows.append(row)
     print(f"[bench] levels {levels} x {layers} blocks: compile {row['compile_s']:.1f}s", file=sys.stderr, flush=True)
   print(common.markdown_table(
-      ("levels", "res blocks/level (down)", "res blocks total", "params", "compile s", "code MiB", "GFLOP/step"),
+      ("levels", "res blocks/level (down)", "res blocks total", "params", "compile s", "compile CPU s", "code MiB",
+       "GFLOP/step"),
       [(r["levels"], r["layers_per_block"], r["res_blocks"], r["params"], f"{r['compile_s']:.1f}",
+        f"{r['compile_cpu_s']:.1f}",
         f"{r['code_bytes'] / 2 ** 20:.1f}", common.fmt(r["flops"], ".3g", 1e-9)) for r in rows]))
   if args.json:
     common.write_json(args.json, {"topology": args.topology, "rows": rows})

@@ -102,6 +102,24 @@ def test_fits_verdict_and_mfu():
   assert none["est_mfu"] is None and " - " in preflight.table_row(none)
 
 
+def test_a_program_the_compiler_refuses_does_not_fit():
+  class Refused:
+    def compile(self):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                         "temporaries (48.02T) exceeds available HBM (15.75G).")
+  compiled, row = preflight.compile_or_oom(Refused())
+  assert compiled is None and row["total_bytes"] == int(48.02 * 2 ** 40)
+  row = preflight.finish_row(dict(row, program="p", topology="v5e:2x2", mesh="4", batch=1), preflight.CHIPS["v5e"], 4)
+  assert not row["fits"] and "DOES NOT FIT" in preflight.table_row(row)
+  assert preflight.report([row]) == 1
+
+  class Broken:
+    def compile(self):
+      raise RuntimeError("INTERNAL: something else")
+  with pytest.raises(RuntimeError, match="INTERNAL"):
+    preflight.compile_or_oom(Broken())
+
+
 # ---- with libtpu: the CLIs compile for abstract chips -------------------------------------------------------------
 def _env():
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5p-8",

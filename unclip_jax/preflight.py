@@ -136,13 +136,34 @@ def measure(compiled, *, compile_s: float) -> dict[str, Any]:
           "compile_s": compile_s}
 
 
+_OOM_RE = re.compile(r"required for ([\w ]+?) \(([\d.]+)([KMGTP]?)\) exceeds available HBM \(([\d.]+)([KMGTP]?)\)")
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40, "P": 2 ** 50}
+
+
+def compile_or_oom(lowered, *, compile_s0: float | None = None) -> tuple[Any, dict[str, Any] | None]:
+  """lowered.compile(), or (None, row) when the TPU compiler refuses a program that does not fit its HBM
+  (RESOURCE_EXHAUSTED): the row has the compiler's message and the bytes it asked for."""
+  t0 = time.perf_counter() if compile_s0 is None else compile_s0
+  try:
+    return lowered.compile(), None
+  except Exception as e:                              # JaxRuntimeError
+    msg = str(e).splitlines()[0] if str(e) else repr(e)
+    if "RESOURCE_EXHAUSTED" not in msg:
+      raise
+    m = _OOM_RE.search(msg)
+    need = int(float(m.group(2)) * _UNITS[m.group(3)]) if m else None
+    return None, {"argument_bytes": None, "output_bytes": None, "temp_bytes": None, "alias_bytes": None,
+                  "code_bytes": None, "total_bytes": need, "flops_per_chip": None, "est_seconds": None,
+                  "compile_s": time.perf_counter() - t0, "compiler_error": msg}
+
+
 def finish_row(row: dict[str, Any], chip: Chip, chips: int) -> dict[str, Any]:
   """Adds HBM, global FLOPs, estimated MFU (FLOPs / (est. s · peak · chips)) and the FITS verdict."""
   row = dict(row, hbm_bytes=chip.hbm_bytes, chips=chips, peak_flops_per_chip=chip.peak_flops)
   f, s = row.get("flops_per_chip"), row.get("est_seconds")
   row["flops"] = None if f is None else f * chips
   row["est_mfu"] = None if not (f and s) else f / (s * chip.peak_flops)
-  row["fits"] = row["total_bytes"] <= chip.hbm_bytes
+  row["fits"] = "compiler_error" not in row and row["total_bytes"] is not None and row["total_bytes"] <= chip.hbm_bytes
   return row
 
 
@@ -154,10 +175,14 @@ def _f(x, spec):
   return "-" if x is None else format(x, spec)
 
 
+def _gib(x):
+  return None if x is None else x / GiB
+
+
 def table_row(row: dict[str, Any]) -> str:
   cells = (row["program"], row["topology"], row["chips"], row["mesh"], row["batch"],
-           _f(row["argument_bytes"] / GiB, ".4f"), _f(row["temp_bytes"] / GiB, ".4f"),
-           _f(row["total_bytes"] / GiB, ".4f"), _f(row["hbm_bytes"] / GiB, ".0f"),
+           _f(_gib(row["argument_bytes"]), ".4f"), _f(_gib(row["temp_bytes"]), ".4f"),
+           _f(_gib(row["total_bytes"]), ".4f"), _f(_gib(row["hbm_bytes"]), ".0f"),
            _f(None if row["flops"] is None else row["flops"] / 1e9, ".4g"), _f(row["est_seconds"], ".3g"),
            _f(row["est_mfu"], ".1%"), _f(row["compile_s"], ".1f"), "FITS" if row["fits"] else "DOES NOT FIT")
   return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -176,6 +201,9 @@ def json_line(rows: Sequence[dict[str, Any]], **extra) -> str:
 def report(rows: Sequence[dict[str, Any]], **extra) -> int:
   """Prints the table and the JSON line; 0 when everything fits, else 1."""
   print(table(rows))
+  for r in rows:
+    if r.get("compiler_error"):
+      print(f"{r['program']}: the TPU compiler refused it: {r['compiler_error']}")
   print(json_line(rows, **extra))
   return 0 if all(r["fits"] for r in rows) else 1
 
@@ -263,7 +291,7 @@ def train_preflight(cfg, topology: str, num_slices: int = 1, *, text_length: int
   rules = tuple(tuple(r) for r in cfg.axis_rules)
   tx = optim.make_optimizer(cfg)
   init_rng, step_rng = jax.eval_shape(lambda: tuple(jax.random.split(jax.random.key(cfg.seed))))
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_params = jax.eval_shape(task.init_params, init_rng)
     param_sh = partitioning.param_shardings(abstract_params, mesh, rules, min_bytes=cfg.fsdp_min_bytes)
@@ -278,8 +306,10 @@ def train_preflight(cfg, topology: str, num_slices: int = 1, *, text_length: int
                               lr_schedule=optim.learning_rate_schedule(cfg), ema_warmup=bool(cfg.optim.ema_warmup))
     jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, replicated), out_shardings=(state_sh, None),
                      donate_argnums=0)
-    compiled = jitted.lower(state, batch, rng).compile()
-  row = measure(compiled, compile_s=time.perf_counter() - t0)
+    compiled, row = compile_or_oom(jitted.lower(state, batch, rng), compile_s0=t0)
+  if compiled is not None:
+    row = measure(compiled, compile_s=time.perf_counter() - t0)
+  row["compile_cpu_s"] = time.process_time() - c0        # all threads: less sensitive to a busy host than wall s
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
   row.update(program=f"train {cfg.stage}:{cfg.get('variant', '?')}", topology=topology, num_slices=int(num_slices),
              mesh="x".join(str(s) for s in shape), batch=int(cfg.batch_size), params=int(n_params))
@@ -399,9 +429,10 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
   for name, fn, args, params, forward, forwards in plan:
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-      compiled = fn.lower(*args).compile()
-    row = measure(compiled, compile_s=time.perf_counter() - t0)
-    if forward is not None:                # the loop body: one model forward, costed on its own
+      compiled, row = compile_or_oom(fn.lower(*args), compile_s0=t0)
+    if compiled is not None:
+      row = measure(compiled, compile_s=time.perf_counter() - t0)
+    if compiled is not None and forward is not None:     # the loop body: one model forward, costed on its own
       t0 = time.perf_counter()
       with jax.set_mesh(mesh):
         body = jax.jit(forward[0]).lower(*forward[1]).compile()
@@ -412,15 +443,19 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
     row.update(program=f"sample {name}", topology=topology, num_slices=int(num_slices), mesh=str(n), batch=b,
                forwards=forwards, param_bytes=_bytes(params))
     rows.append(finish_row(row, chip, len(devices)))
-  params_total = sum(r["param_bytes"] for r in rows)
-  others = max(r["total_bytes"] - r["param_bytes"] for r in rows)
   chain = {"program": "sample chain", "topology": topology, "num_slices": int(num_slices), "mesh": str(n),
-           "batch": b, "argument_bytes": params_total + max(r["argument_bytes"] - r["param_bytes"] for r in rows),
-           "output_bytes": max(r["output_bytes"] for r in rows), "temp_bytes": max(r["temp_bytes"] for r in rows),
-           "alias_bytes": 0, "param_bytes": params_total, "total_bytes": params_total + others,
-           "flops_per_chip": _sum(r["flops_per_chip"] for r in rows),
-           "est_seconds": _sum(r["est_seconds"] for r in rows),
+           "batch": b, "param_bytes": sum(r["param_bytes"] for r in rows), "alias_bytes": 0,
            "compile_s": sum(r["compile_s"] + r.get("body_compile_s", 0.0) for r in rows)}
+  if any(r.get("compiler_error") for r in rows):
+    chain.update(argument_bytes=None, output_bytes=None, temp_bytes=None, total_bytes=None, flops_per_chip=None,
+                 est_seconds=None, compiler_error="a stage does not fit (above)")
+  else:
+    p_total = chain["param_bytes"]
+    chain.update(argument_bytes=p_total + max(r["argument_bytes"] - r["param_bytes"] for r in rows),
+                 output_bytes=max(r["output_bytes"] for r in rows), temp_bytes=max(r["temp_bytes"] for r in rows),
+                 total_bytes=p_total + max(r["total_bytes"] - r["param_bytes"] for r in rows),
+                 flops_per_chip=_sum(r["flops_per_chip"] for r in rows),
+                 est_seconds=_sum(r["est_seconds"] for r in rows))
   rows.append(finish_row(chain, chip, len(devices)))
   return rows
 
