@@ -49,6 +49,9 @@ setup(
         ],
         # `python -m unclip_jax.demo`, the web demo.
         "demo": ["gradio>=6.0,<7"],
+        # The TPU compiler (the runtime that `jax[tpu]==0.10.2` pulls): compile-only TPU preflight on any host
+        # (`--compile_only --topology v5p:2x2x1`) and tests/test_tpu_compile.py. A TPU VM gets it from jax[tpu].
+        "tpu": ["libtpu==0.0.42.1"],
         # Its browser test (tests/test_demo.py): Playwright drives the system Chromium (apt-get install chromium).
         "demo-test": ["gradio>=6.0,<7", "playwright>=1.40"],
     },

@@ -3,6 +3,7 @@
 #   UNCLIP_VENV=path      where the venv lives (default: .venv in the repo root)
 #   UNCLIP_FRESH_VENV=1   delete it first (CI does this)
 #   UNCLIP_EXTRAS=test    pip extras to install (default: test, which brings the PyTorch peers)
+#   UNCLIP_TPU_COMPILER=0 with the test extra, skip libtpu (the abstract TPU compile tests then skip)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${UNCLIP_VENV:-$root/.venv}"
@@ -25,5 +26,9 @@ spec="$root"
 if [[ ",$extras," == *",test,"* ]]; then
   "$venv/bin/python" -m pip install -q --no-deps -c "$root/requirements/constraints.txt" \
     -r "$root/requirements/fid-reference.txt"
+fi
+# libtpu (the tpu extra) for the compile-only TPU preflight tests: ~210 MB, CPU hosts never load it unless asked.
+if [[ ",$extras," == *",test,"* && "${UNCLIP_TPU_COMPILER:-1}" == "1" ]]; then
+  "$venv/bin/python" -m pip install -q -c "$root/requirements/constraints.txt" libtpu   # = setup.py's tpu extra
 fi
 echo "$venv"

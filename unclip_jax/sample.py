@@ -152,6 +152,11 @@ def write_outputs(out: pathlib.Path, images: np.ndarray, metas: list[dict], grid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--compile-only" in argv:          # TPU preflight: compile the chain for a topology, run nothing
+    from unclip_jax import preflight
+
+    return preflight.sample_main(argv)
   args = parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   try:

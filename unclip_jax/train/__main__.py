@@ -20,6 +20,10 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize(): 'auto' does when a multi-host launcher is detected")
 flags.DEFINE_string("compilation_cache", os.environ.get("UNCLIP_JAX_CACHE", ""),
                     "persistent XLA compilation cache directory ('' disables)")
+flags.DEFINE_bool("compile_only", False, "only compile the train step for --topology (abstract TPU chips, needs libtpu) "
+                  "and print its per-chip memory, FLOPs and estimated step time; exits 1 if it does not fit")
+flags.DEFINE_string("topology", None, "with --compile_only: TPU topology, e.g. v5p:2x2x1, v5e:16x16, v6e:4x4")
+flags.DEFINE_integer("num_slices", 1, "with --compile_only: number of slices of --topology (multi-slice)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143     # 128 + SIGTERM, what an uncaught SIGTERM would have given
@@ -50,6 +54,10 @@ def initialize_distributed() -> None:
 
 def main(argv):
   del argv
+  if flags.FLAGS.compile_only:
+    from unclip_jax import preflight
+
+    sys.exit(preflight.train_main(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.num_slices))
   import jax  # after flag parsing: jax.distributed must come before any other JAX call
 
   logging.getLogger().setLevel(logging.INFO)

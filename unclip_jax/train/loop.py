@@ -27,15 +27,25 @@ from unclip_jax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s per device, for the MFU estimate (unknown devices report no MFU).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
-              "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+# Dense bf16 peak FLOP/s per device, keyed by the exact `device_kind` jax reports (unknown kinds report no MFU).
+# TPU v5p reports "TPU v5" and v5e "TPU v5 lite" (v6e: "TPU v6 lite"), so a substring match would confuse them.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v5e": 197e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+              "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+              "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+              "NVIDIA A100-PCIE-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12}
+# GPU kinds carry memory/form-factor suffixes; these families match by prefix after the exact table.
+_GPU_FAMILIES = (("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12))
 
 
-def peak_flops(device: jax.Device) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for name, flops in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
+def peak_flops(device: jax.Device | str) -> float | None:
+  """Dense bf16 peak FLOP/s of a device (or a device_kind string); None for unknown kinds (and CPUs)."""
+  kind = device if isinstance(device, str) else getattr(device, "device_kind", "")
+  kind = str(kind).strip()
+  if kind in PEAK_FLOPS:
+    return PEAK_FLOPS[kind]
+  for prefix, flops in _GPU_FAMILIES:
+    if kind.startswith(prefix):
       return flops
   return None
 

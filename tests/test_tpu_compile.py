@@ -1,0 +1,220 @@
+"""TPU preflight (unclip_jax.preflight): the peak-FLOP table, bad-input errors before any compile, the FITS
+verdict, and, when libtpu is installed, the train step and the sampling chain compiled for an abstract v5e:2x2.
+
+The compiles run in subprocesses (the CLIs themselves): libtpu stays out of the pytest workers, and
+ALLOW_MULTIPLE_LIBTPU_LOAD lets two xdist workers compile at once. Micro UNets (one level, 8 channels) keep each
+TPU compile to seconds; the tiny decoder's train step already takes minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from unclip_jax import bundle, config_lib, preflight
+from unclip_jax.train import loop
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HAS_LIBTPU = preflight.libtpu_available()
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install 'unclip_jax[tpu]'); "
+                                                         "abstract TPU compiles need it")
+MICRO_UNET = ["model.block_out_channels=(8,)", "model.attention_levels=(False,)", "model.layers_per_block=1",
+              "model.norm_num_groups=4"]
+MICRO_FLAGS = ["--config.model.block_out_channels=(8,)", "--config.model.attention_levels=(False,)",
+               "--config.model.layers_per_block=1", "--config.model.norm_num_groups=4", "--config.model.image_size=8",
+               "--config.batch_size=4"]
+
+
+# ---- no libtpu needed ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,want", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("cpu", None), ("TPU v7", None), ("", None)])
+def test_peak_flops_is_exact_on_device_kind(kind, want):
+  assert loop.peak_flops(kind) == want
+
+
+def test_peak_flops_of_a_device_and_the_chip_table_agree():
+  assert loop.peak_flops(jax.devices()[0]) is None                 # CPU: no MFU
+  for chip in preflight.CHIPS.values():
+    assert loop.peak_flops(chip.device_kind) == chip.peak_flops
+
+
+@pytest.mark.parametrize("name,message", [
+    ("v9:2x2", "unknown TPU topology"), ("v5e", "unknown TPU topology"), ("v5e:2x2x1", "takes 2 dimensions"),
+    ("v5p:2x2", "takes 3 dimensions"), ("v5e:0x2", "takes 2 dimensions")])
+def test_bad_topology_names(name, message):
+  with pytest.raises(preflight.PreflightError, match=message):
+    preflight.parse_topology(name)
+
+
+def test_topology_table():
+  chip, dims = preflight.parse_topology("v5p:4x4x4")
+  assert (chip.device_kind, chip.hbm_bytes, dims) == ("TPU v5", 95 * preflight.GiB, (4, 4, 4))
+  assert preflight.parse_topology("v5e:16x16")[0].hbm_bytes == 16 * preflight.GiB
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["mesh.data=3"], "does not fit v5e:2x2"),
+    (["batch_size=6"], "not divisible by the data axes"),
+    (["mesh.data=2", "mesh.fsdp=2", "batch_size=2"], "not divisible by the data axes")])
+def test_bad_mesh_or_batch_fails_before_compiling(overrides, message):
+  cfg = config_lib.load_config("configs/decoder.py:tiny", overrides)
+  with pytest.raises(preflight.PreflightError, match=message):
+    preflight.train_preflight(cfg, "v5e:2x2")
+
+
+def test_abstract_batches_have_the_keys_the_stages_read():
+  from unclip_jax.stages.common import EMBEDDING_KEYS
+
+  dec = config_lib.load_config("configs/decoder.py:tiny", [])
+  spec = preflight.abstract_batch(dec, text_length=16)
+  assert set(spec) == {"image", *EMBEDDING_KEYS} and spec["image"][0] == (8, dec.model.image_size, dec.model.image_size, 3)
+  assert spec["text_enc"][0] == (8, 16, dec.model.clip_embedding_dim) and spec["text_mask"][1] == "bool"
+  prior = config_lib.load_config("configs/prior.py:tiny", [])
+  assert set(preflight.abstract_batch(prior)) == set(EMBEDDING_KEYS)
+  assert set(preflight.abstract_batch(config_lib.load_config("configs/upsampler.py:tiny", []))) == {"image"}
+
+
+def test_unsupported_stage_is_a_clear_error():
+  cfg = config_lib.load_config("configs/clip.py:tiny", [])
+  with pytest.raises(preflight.PreflightError, match="not 'clip'"):
+    preflight.abstract_batch(cfg)
+
+
+def test_fits_verdict_and_mfu():
+  chip = preflight.CHIPS["v5e"]
+  row = dict(program="p", topology="v5e:2x2", mesh="4", batch=4, argument_bytes=2 * preflight.GiB, output_bytes=0,
+             temp_bytes=10 * preflight.GiB, alias_bytes=0, total_bytes=12 * preflight.GiB, flops_per_chip=197e12,
+             est_seconds=2.0, compile_s=1.0)
+  ok = preflight.finish_row(row, chip, 4)
+  assert ok["fits"] and ok["flops"] == 4 * 197e12 and ok["est_mfu"] == pytest.approx(0.5)
+  big = preflight.finish_row(dict(row, total_bytes=17 * preflight.GiB), chip, 4)
+  assert not big["fits"] and "DOES NOT FIT" in preflight.table_row(big)
+  assert preflight.report([ok]) == 0 and preflight.report([ok, big]) == 1
+  none = preflight.finish_row(dict(row, est_seconds=None), chip, 4)
+  assert none["est_mfu"] is None and " - " in preflight.table_row(none)
+
+
+def test_a_program_the_compiler_refuses_does_not_fit():
+  class Refused:
+    def compile(self):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                         "temporaries (48.02T) exceeds available HBM (15.75G).")
+  compiled, row = preflight.compile_or_oom(Refused())
+  assert compiled is None and row["total_bytes"] == int(48.02 * 2 ** 40)
+  row = preflight.finish_row(dict(row, program="p", topology="v5e:2x2", mesh="4", batch=1), preflight.CHIPS["v5e"], 4)
+  assert not row["fits"] and "DOES NOT FIT" in preflight.table_row(row)
+  assert preflight.report([row]) == 1
+
+  class Broken:
+    def compile(self):
+      raise RuntimeError("INTERNAL: something else")
+  with pytest.raises(RuntimeError, match="INTERNAL"):
+    preflight.compile_or_oom(Broken())
+
+
+# ---- with libtpu: the CLIs compile for abstract chips -------------------------------------------------------------
+def _env():
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1", TPU_ACCELERATOR_TYPE="v5p-8",
+             TPU_WORKER_HOSTNAMES="localhost", JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _run(args, timeout=600):
+  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _rows(proc) -> list[dict]:
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('{"')]
+  assert lines, proc.stdout + proc.stderr[-3000:]
+  return json.loads(lines[-1])["preflight"]
+
+
+FIELDS = {"argument_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "flops", "flops_per_chip", "est_seconds",
+          "est_mfu", "compile_s", "fits", "chips", "mesh", "batch", "program", "topology"}
+
+
+@needs_libtpu
+def test_train_cli_bad_topology_is_one_error_line(tmp_path):
+  proc = _run(["unclip_jax.train", "--config", "decoder:tiny", "--workdir", str(tmp_path), "--compile_only",
+               "--topology", "v5e:3x4", "--config.batch_size=12"], timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "libtpu rejects TPU topology 'v5e:3x4'" in errors[0], proc.stderr[-2000:]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_train_step_compiles_for_v5e(tmp_path):
+  proc = _run(["unclip_jax.train", "--config", "decoder:tiny", "--workdir", str(tmp_path), "--compile_only",
+               "--topology", "v5e:2x2", *MICRO_FLAGS])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  (row,) = _rows(proc)
+  assert FIELDS <= set(row)
+  assert row["program"] == "train decoder:tiny" and row["chips"] == 4 and row["mesh"] == "4x1x1"
+  assert row["hbm_bytes"] == 16 * 2 ** 30 and row["fits"] and 0 < row["total_bytes"] < row["hbm_bytes"]
+  # Adam moments + EMA + params: the state is at least 4 copies of the params (replicated on this mesh).
+  assert row["argument_bytes"] >= 4 * 4 * row["params"]
+  assert row["flops"] > 0 and row["est_seconds"] > 0 and 0 < row["est_mfu"] < 1
+  assert "| train decoder:tiny | v5e:2x2 | 4 |" in proc.stdout and "FITS" in proc.stdout
+  assert not list(tmp_path.iterdir())                     # compile-only writes no checkpoint
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_prior_train_step_compiles_for_v5e(tmp_path):
+  proc = _run(["unclip_jax.train", "--config", "prior:tiny", "--workdir", str(tmp_path), "--compile_only",
+               "--topology", "v5e:2x2"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  (row,) = _rows(proc)
+  assert row["program"] == "train prior:tiny" and row["fits"] and row["flops"] > 0
+
+
+def _micro_bundle(path: pathlib.Path) -> pathlib.Path:
+  """A bundle of micro stages (zero weights: only the configs matter to a compile)."""
+  import helpers
+
+  clip_cfg, prior_cfg, _, _ = helpers.tiny_configs()
+  prior_cfg.sampling.steps = "2"
+  dec = config_lib.load_config("configs/decoder.py:tiny", MICRO_UNET + ["model.image_size=8", "sampling.steps='2'"])
+  sr = config_lib.load_config("configs/upsampler.py:tiny",
+                              MICRO_UNET + ["model.low_res_size=8", "model.image_size=16", "sampling.steps='2'"])
+  zeros = lambda cfg: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), bundle.abstract_params(cfg))
+  for name, cfg in (("clip", clip_cfg), ("prior", prior_cfg), ("decoder", dec), ("super_res_first", sr),
+                    ("super_res_last", sr)):
+    bundle.save_component(path, name, cfg, zeros(cfg))
+  return path
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_sampling_chain_compiles_for_v5e(tmp_path):
+  b = _micro_bundle(tmp_path / "bundle")
+  proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "4", "--bundle", str(b)])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  rows = _rows(proc)
+  assert [r["program"] for r in rows] == ["sample text", "sample prior", "sample decoder", "sample super_res",
+                                          "sample chain"]
+  for r in rows:
+    assert FIELDS <= set(r) and r["fits"] and r["flops"] > 0 and r["est_seconds"] > 0
+  by = {r["program"]: r for r in rows}
+  assert by["sample decoder"]["forwards"] == 2 and by["sample super_res"]["forwards"] == 2
+  chain = by["sample chain"]
+  assert chain["flops"] == pytest.approx(sum(r["flops"] for r in rows[:-1]))
+  assert chain["param_bytes"] == sum(r["param_bytes"] for r in rows[:-1])
+  assert chain["total_bytes"] >= max(r["total_bytes"] for r in rows[:-1])
+
+
+def test_sampling_batch_the_chips_do_not_divide(tmp_path):
+  proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "3"], timeout=120)
+  assert proc.returncode == 2 and "not divisible by the 4 chips" in proc.stderr, proc.stderr[-2000:]
