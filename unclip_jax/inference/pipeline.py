@@ -83,6 +83,19 @@ def num_steps(cfg) -> int:
   return len(table.timesteps)
 
 
+@jax.jit
+def _row_initial_noise(keys: jax.Array, like: jax.ShapeDtypeStruct | jax.Array) -> jax.Array:
+  return samplers.row_normal(jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(keys), like.shape[1:])
+
+
+def initial_noise(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """A stage's x_T [B, ...] drawn from its key: normal(fold_in(rng, 2^20), shape) for one key; for per-row keys
+  [B], row b = normal(fold_in(rng[b], 2^20), shape[1:])."""
+  if rng.ndim == 1:
+    return _row_initial_noise(rng, jnp.zeros((rng.shape[0],) + tuple(shape[1:]), jnp.float32))
+  return jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape)
+
+
 @dataclasses.dataclass
 class StageNoise:
   """All the randomness of one batch. x_T None = drawn from the stage's key; rng = that stage's step-noise key
@@ -98,6 +111,16 @@ class StageNoise:
   def from_key(cls, key: jax.Array) -> "StageNoise":
     k = jax.random.split(key, 3)
     return cls(prior_rng=k[0], decoder_rng=k[1], super_res_rng=k[2])
+
+  @classmethod
+  def from_row_keys(cls, keys: jax.Array) -> "StageNoise":
+    """Per-row randomness: keys [B] -> every stage's keys [B] (row b's stages split keys[b] in 3), so each row's
+    image is a function of its own key only, whatever else shares its batch or device."""
+    k = _split3(keys)
+    return cls(prior_rng=k[:, 0], decoder_rng=k[:, 1], super_res_rng=k[:, 2])
+
+
+_split3 = jax.jit(jax.vmap(lambda k: jax.random.split(k, 3)))
 
 
 @dataclasses.dataclass
@@ -360,7 +383,7 @@ class UnCLIP:
     """Decoder images [B, s, s, 3] in [-1, 1] (s = decoder size) from image embeddings and text."""
     b = image_emb.shape[0]
     if x_T is None:
-      x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (b, self.decoder_size, self.decoder_size, 3))
+      x_T = initial_noise(rng, (b, self.decoder_size, self.decoder_size, 3))
     null = self._null(self.decoder_cfg, b)
     null = None if null is None else null.as_prior_cond()
     return self._decoder(self.decoder_params, *self._rows((self.decoder_cond(image_emb, text), x_T, rng, null,
@@ -376,7 +399,7 @@ class UnCLIP:
       return low_res
     if x_T is None:
       size = self.image_size
-      x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (low_res.shape[0], size, size, 3))
+      x_T = initial_noise(rng, (low_res.shape[0], size, size, 3))
     return self._super_res(self.sr_first, self.sr_last, *self._rows((low_res, x_T, rng)))
 
   def run(self, text: TextEncoding, noise: StageNoise, *, image_emb: jax.Array | None = None) -> dict[str, jax.Array]:
