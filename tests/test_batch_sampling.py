@@ -75,6 +75,7 @@ def test_row_keys_depend_on_seed_prompt_and_k_only():
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_images_do_not_depend_on_batch_size_or_devices(bundle_dir):
   pipe = UnCLIP.from_bundle(bundle_dir, sampling=SAMPLING)
   idx, k = [0, 1, 2, 3], [0, 1, 0, 2]
