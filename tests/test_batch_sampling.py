@@ -70,8 +70,6 @@ def test_row_keys_depend_on_seed_prompt_and_k_only():
   np.testing.assert_array_equal(a[1], b[1])
   assert not np.array_equal(a[0], b[0])
   assert not np.array_equal(a, jax.random.key_data(batch.row_keys(1, [4, 2], [1, 0])))
-  cand = np.asarray(jax.random.key_data(batch.row_keys(0, [4, 2], [1, 0], candidates=3)))
-  assert cand.shape[0] == 6 and len({tuple(r) for r in cand}) == 6
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------------------
@@ -81,6 +79,8 @@ def test_images_do_not_depend_on_batch_size_or_devices(bundle_dir):
   idx, k = [0, 1, 2, 3], [0, 1, 0, 2]
   caps = [PROMPTS[i] for i in idx]
   four = batch.sample_rows(pipe, caps, idx, k, seed=0, batch_size=4).images
+  np.testing.assert_array_equal(four, pipe.generate(PROMPTS[:4], seed=0, images_per_prompt=3, batch_size=4).images[
+      [0, 4, 6, 11]])
   # the same batch shape: bitwise, also for a short batch padded to it (rows sit elsewhere in the batch)
   again = batch.sample_rows(pipe, caps[2:], idx[2:], k[2:], seed=0, batch_size=4).images
   np.testing.assert_array_equal(four[2:], again)
@@ -301,7 +301,9 @@ def test_kill_9_and_sigterm_mid_run_then_resume(bundle_dir, prompts_file, tmp_pa
 @pytest.mark.slow
 def test_two_processes_split_the_work_and_match_one(bundle_dir, prompts_file, tmp_path):
   one = tmp_path / "one"
-  subprocess.run(_cli_cmd(bundle_dir, prompts_file, one), check=True, env=_env(), timeout=600, capture_output=True)
+  # the same XLA:CPU set-up as each of the two processes (1 device), so the programs are the same
+  subprocess.run(_cli_cmd(bundle_dir, prompts_file, one), check=True, timeout=600, capture_output=True,
+                 env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"))
   two = tmp_path / "two"
   env = {k: v for k, v in _env().items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(UNCLIP_LAUNCH_CPU="1", NPROC="2", CPU_DEVICES="1", UNCLIP_MODULE="unclip_jax.sample",

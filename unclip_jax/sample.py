@@ -13,7 +13,13 @@ without it the model embedded in the package is used. Per-stage sampler settings
 default to the bundle's configs. The bundle's files are first checked against the sha256 record in its
 bundle.json (a damaged file is an error naming it; --no-verify skips the check, for multi-GB bundles). Writes
 0000.png, 0001.png, ... in order (one per image, at the final size), 0000.json ... with the prompt and every
-setting of that image, and grid.png. Prompts files: one prompt a line.
+setting of that image, and grid.png. Prompts files: .txt one prompt a line; .jsonl / .csv / .parquet with a caption
+column; or --coco-captions captions_val2014.json --n 30000 (FID-30k).
+
+Text to image runs as a resumable batch job (unclip_jax/inference/job.py): image k of prompt p is a function of
+(seed, p, k, model, settings) only; under jax.distributed (launch/gpu.sh with UNCLIP_MODULE=unclip_jax.sample, a
+TPU pod) the work is split over every process; rerunning the same command resumes; SIGTERM exits 143 after
+recording the batch in flight; --format webdataset writes tar shards; OUT/summary.json has images/s.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Row (p, k) — image k of prompt p — draws all its randomness from
 
-  row_key(seed, p, k) = fold_in(fold_in(key(seed), p), k)          (candidate c of it: fold_in(row_key, c))
+  row_key(seed, p, k) = fold_in(fold_in(key(seed), p), k)
+  (reranking with C candidates: candidate c of image k draws row_key(seed, p, k·C + c))
 
 split per stage by `StageNoise.from_row_keys` (prior x_T and step noise, decoder x_T and step noise, super-res),
 and every stage draws its noise per row (`samplers.step_noise` with per-row keys). So image k of prompt p is a
@@ -29,56 +30,59 @@ def _keys(seed: jax.Array, prompt: jax.Array, k: jax.Array) -> jax.Array:
   return jax.vmap(lambda p, i: jax.random.fold_in(jax.random.fold_in(base, p), i))(prompt, k)
 
 
-_fold = jax.jit(jax.vmap(jax.random.fold_in))
-
-
-def row_keys(seed: int, prompt_index: Sequence[int], k: Sequence[int], candidates: int = 1) -> jax.Array:
-  """Keys of sampled rows, [R·candidates] (row r's candidate c at r·candidates + c):
-  fold_in(fold_in(key(seed), p), k), and with candidates > 1 fold_in(that, c)."""
-  keys = _keys(np.uint32(seed), np.asarray(prompt_index, np.int32), np.asarray(k, np.int32))
-  if candidates == 1:
-    return keys
-  keys = jnp.repeat(keys, candidates)
-  return _fold(keys, np.tile(np.arange(candidates, dtype=np.int32), len(prompt_index)))
+def row_keys(seed: int, prompt_index: Sequence[int], k: Sequence[int]) -> jax.Array:
+  """Keys [R] of sampled rows: fold_in(fold_in(key(seed), prompt_index[r]), k[r])."""
+  return _keys(np.uint32(seed), np.asarray(prompt_index, np.int32), np.asarray(k, np.int32))
 
 
 @dataclasses.dataclass
 class Rows:
-  """One batch's output: images [R, H, W, 3] uint8 and the kept candidate's CLIP score (None without reranking)."""
+  """Output rows: images [R, H, W, 3] uint8 and the kept candidate's CLIP score (None without reranking)."""
   images: np.ndarray
   clip_scores: list[float | None]
 
 
 def sample_rows(pipe: UnCLIP, prompts: Sequence[str], prompt_index: Sequence[int], k: Sequence[int], *, seed: int,
                 batch_size: int, candidates: int = 1) -> Rows:
-  """Images for rows (prompts[r], image k[r] of prompt prompt_index[r]), r < batch_size, as one padded batch.
+  """Images for output rows r: image k[r] of prompt prompt_index[r], whose caption is prompts[r].
 
-  prompts: the caption of each row [R]; prompt_index / k: its row key (see the module docstring). The batch is
-  padded to `batch_size` rows (× candidates sampled rows), so every call has the same shapes.
+  With candidates C > 1, candidate c of image k is drawn as image k·C + c would be without reranking, and the
+  one with the highest CLIP score with its prompt is kept. The R·C sampled rows run in batches of `batch_size`
+  (the last padded by repeating its last row), so every batch has the same shapes: one compile per stage.
   """
   r = len(prompts)
-  if not 0 < r <= batch_size or len(prompt_index) != r or len(k) != r:
-    raise ValueError(f"need 1..{batch_size} rows with one prompt index and image index each, got {r}, "
-                     f"{len(prompt_index)}, {len(k)}")
+  if r < 1 or len(prompt_index) != r or len(k) != r:
+    raise ValueError(f"need >= 1 rows with one prompt index and image index each, got {r}, {len(prompt_index)}, "
+                     f"{len(k)}")
+  if batch_size < 1 or candidates < 1:
+    raise ValueError(f"batch_size and candidates must be >= 1, got {batch_size}, {candidates}")
   if candidates > 1 and not pipe.has_image_encoder:
     raise ValueError("candidates > 1 reranks with CLIP's image tower, which this bundle's clip component lacks")
-  pad = batch_size - r
-  prompts = list(prompts) + [prompts[-1]] * pad
-  prompt_index = list(prompt_index) + [prompt_index[-1]] * pad
-  k = list(k) + [k[-1]] * pad
-  text = pipe.encode_text(prompts)                                        # [batch_size] rows
-  if candidates > 1:
-    text = text.take(np.repeat(np.arange(batch_size), candidates))
-  out = pipe.run(text, StageNoise.from_row_keys(row_keys(seed, prompt_index, k, candidates)))
-  images = np.asarray(out["images"])
+  rows = [(i, p, kk * candidates + c) for i, (p, kk) in enumerate(zip(prompt_index, k)) for c in range(candidates)]
+  images = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    text = pipe.encode_text([prompts[i] for i, _, _ in chunk])
+    keys = row_keys(seed, [p for _, p, _ in chunk], [kk for _, _, kk in chunk])
+    out = pipe.run(text, StageNoise.from_row_keys(keys))
+    images.append(np.asarray(out["images"])[:min(batch_size, len(rows) - start)])
+  images = np.concatenate(images)
   scores: list[float | None] = [None] * r
   if candidates > 1:
     from unclip_jax.stages import clip as clip_stage
 
-    img_emb = np.asarray(pipe.encode_image(list(to_uint8(images))))
-    groups = img_emb.reshape(batch_size, candidates, -1)
-    order, best = clip_stage.rerank(jnp.asarray(np.asarray(pipe.encode_text(prompts).emb)), jnp.asarray(groups))
+    pixels = list(to_uint8(images))
+    emb = np.concatenate([np.asarray(pipe.encode_image(_padded(pixels[s:s + batch_size], batch_size)))
+                          for s in range(0, len(pixels), batch_size)])[:len(pixels)]
+    text_emb = np.concatenate([np.asarray(pipe.encode_text(_padded(list(prompts[s:s + batch_size]), batch_size)).emb)
+                               for s in range(0, r, batch_size)])[:r]
+    order, best = clip_stage.rerank(jnp.asarray(text_emb), jnp.asarray(emb.reshape(r, candidates, -1)))
     keep = np.asarray(order)[:, 0]
-    images = images.reshape(batch_size, candidates, *images.shape[1:])[np.arange(batch_size), keep]
-    scores = [float(s) for s in np.asarray(best)[:r, 0]]
-  return Rows(images=to_uint8(images[:r]), clip_scores=scores)
+    images = images.reshape(r, candidates, *images.shape[1:])[np.arange(r), keep]
+    scores = [float(s) for s in np.asarray(best)[:, 0]]
+  return Rows(images=to_uint8(images), clip_scores=scores)
+
+
+def _padded(items: list, n: int) -> list:
+  return items + [items[-1]] * (n - len(items))
