@@ -257,6 +257,11 @@ def _generate(args: argparse.Namespace, pipe, prompts, bundle_path: pathlib.Path
 
   if args.candidates > 1 and not pipe.has_image_encoder:
     raise ValueError("--candidates > 1 reranks with CLIP's image tower, which this bundle's clip component lacks")
+  from unclip_jax.inference.pipeline import num_steps
+
+  for cfg in (pipe.prior_cfg, pipe.decoder_cfg, pipe.sr_cfg):   # bad step specs fail before OUT is created
+    if cfg is not None:
+      num_steps(cfg)
   shard = args.shard_size or (args.batch_size if args.format == "png" else 1000)
   plan = job_lib.Plan(prompts, args.images_per_prompt, args.batch_size, shard)
   out = pathlib.Path(args.out)
