@@ -276,11 +276,10 @@ class Job:
             return PREEMPTED_EXIT_CODE
         self._finish_unit(u)
     bar.close()
-    seconds = time.perf_counter() - start
-    self._report(made, seconds)
+    self._report(made, time.perf_counter() - start)
     self.barrier("unclip_sample_end")
     if self.process == 0:
-      self._summary(seconds)
+      self._summary(time.perf_counter() - start)    # the job's wall time: until the slowest process is done
     return 0
 
   def _summary(self, seconds: float) -> dict:
