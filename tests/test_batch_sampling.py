@@ -316,3 +316,10 @@ def test_two_processes_split_the_work_and_match_one(bundle_dir, prompts_file, tm
   summary = json.loads((two / "summary.json").read_text())
   assert summary["processes"] == 2 and summary["images_this_run"] == 20
   assert [r["images"] for r in summary["per_process"]] == [10, 10]           # even and odd units
+
+
+def test_legacy_uint32_keys_stay_one_key():
+  key = jax.random.PRNGKey(0)                                     # uint32 [2]: one key, not two rows
+  assert not samplers.is_row_keys(key) and samplers.is_row_keys(batch.row_keys(0, [0, 1], [0, 0]))
+  np.testing.assert_array_equal(samplers.step_noise(key, 1, (2, 3), np.float32),
+                                jax.random.normal(jax.random.fold_in(key, 1), (2, 3)))

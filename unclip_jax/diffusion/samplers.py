@@ -140,11 +140,16 @@ def step_noise(rng: jax.Array, index, shape, dtype) -> jax.Array:
   rng: one key (the whole [B, ...] batch drawn at once), or a batch of per-row keys [B] (row b draws
   `normal(fold_in(rng[b], index), shape[1:])`, so a row's noise does not depend on the other rows).
   """
-  if rng.ndim == 1:
+  if is_row_keys(rng):
     if rng.shape[0] != shape[0]:
       raise ValueError(f"per-row keys [{rng.shape[0]}] do not match the batch of noise shape {tuple(shape)}")
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape[1:], dtype))(rng)
   return jax.random.normal(jax.random.fold_in(rng, index), shape, dtype)
+
+
+def is_row_keys(rng) -> bool:
+  """A batch of typed keys [B] (per-row randomness), as opposed to one key (typed, or a legacy uint32 [2])."""
+  return jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1
 
 
 def row_normal(keys: jax.Array, shape, dtype=jnp.float32) -> jax.Array:

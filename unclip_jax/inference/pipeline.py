@@ -92,7 +92,7 @@ def _row_initial_noise(keys: jax.Array, like: jax.ShapeDtypeStruct | jax.Array) 
 def initial_noise(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """A stage's x_T [B, ...] drawn from its key: normal(fold_in(rng, 2^20), shape) for one key; for per-row keys
   [B], row b = normal(fold_in(rng[b], 2^20), shape[1:])."""
-  if rng.ndim == 1:
+  if samplers.is_row_keys(rng):
     return _row_initial_noise(rng, jnp.zeros((rng.shape[0],) + tuple(shape[1:]), jnp.float32))
   return jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape)
 

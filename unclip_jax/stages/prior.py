@@ -190,7 +190,7 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
   if num_candidates < 1:
     raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
   b, e, n = cond.batch, model.embedding_dim, num_candidates
-  if rng.ndim == 1:                                         # per-row keys [B]: rows independent of each other
+  if samplers.is_row_keys(rng):                             # per-row keys [B]: rows independent of each other
     if rng.shape[0] != b:
       raise ValueError(f"per-row keys [{rng.shape[0]}] do not match the batch {b}")
     latent_rng, noise_rng = (row_candidate_keys(r, n) for r in jnp.moveaxis(jax.vmap(jax.random.split)(rng), 1, 0))
