@@ -3,6 +3,7 @@
 #   single node, all GPUs:   bash launch/gpu.sh --config=configs/decoder.py:karlo --workdir=/ckpt/decoder
 #   node r of N:             NNODES=N NODE_RANK=r COORDINATOR=node0:12355 bash launch/gpu.sh --config=... --workdir=...
 #   (SLURM: `srun` one task per GPU running `bash launch/run.sh ...` instead; jax detects SLURM by itself.)
+#   batch sampling:          UNCLIP_MODULE=unclip_jax.sample LOG_DIR=out/logs bash launch/gpu.sh --prompts-file p.txt --out out/
 # Env: NPROC (processes on this node; default: number of GPUs from nvidia-smi), LOG_DIR (default WORKDIR/logs),
 #      UNCLIP_LAUNCH_CPU=1 to run the same topology on CPU devices (used by the tests; 4 devices per process).
 # Process i of this node gets JAX_PROCESS_ID=NODE_RANK*NPROC+i and sees only GPU i (JAX_LOCAL_DEVICE_IDS=i).
@@ -20,7 +21,7 @@ fi
 coordinator="${COORDINATOR:-127.0.0.1:$(( 20000 + RANDOM % 20000 ))}"
 (( nnodes == 1 )) || [[ -n "${COORDINATOR:-}" ]] || { echo "gpu.sh: NNODES>1 needs COORDINATOR=host:port" >&2; exit 2; }
 workdir=""
-for arg in "$@"; do [[ "$arg" == --workdir=* ]] && workdir="${arg#--workdir=}"; done
+for arg in "$@"; do [[ "$arg" == --workdir=* ]] && workdir="${arg#--workdir=}"; [[ "$arg" == --out=* ]] && workdir="${arg#--out=}"; done
 log_dir="${LOG_DIR:-${workdir:-.}/logs}"
 mkdir -p "$log_dir"
 

@@ -13,7 +13,13 @@ without it the model embedded in the package is used. Per-stage sampler settings
 default to the bundle's configs. The bundle's files are first checked against the sha256 record in its
 bundle.json (a damaged file is an error naming it; --no-verify skips the check, for multi-GB bundles). Writes
 0000.png, 0001.png, ... in order (one per image, at the final size), 0000.json ... with the prompt and every
-setting of that image, and grid.png. Prompts files: one prompt a line.
+setting of that image, and grid.png. Prompts files: .txt one prompt a line; .jsonl / .csv / .parquet with a caption
+column; or --coco-captions captions_val2014.json --n 30000 (FID-30k).
+
+Text to image runs as a resumable batch job (unclip_jax/inference/job.py): image k of prompt p is a function of
+(seed, p, k, model, settings) only; under jax.distributed (launch/gpu.sh with UNCLIP_MODULE=unclip_jax.sample, a
+TPU pod) the work is split over every process; rerunning the same command resumes; SIGTERM exits 143 after
+recording the batch in flight; --format webdataset writes tar shards; OUT/summary.json has images/s.
 """
 from __future__ import annotations
 
@@ -63,10 +69,24 @@ def parser() -> argparse.ArgumentParser:
   g = sub.add_parser("generate", parents=[common], help="text to images (the default command)")
   src = g.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="one prompt")
-  src.add_argument("--prompts-file", help="text file, one prompt per line (blank lines skipped)")
+  src.add_argument("--prompts-file", help=".txt (one prompt a line, blank lines skipped), or .jsonl / .csv / "
+                   ".parquet with a caption column and an optional id column")
+  src.add_argument("--coco-captions", metavar="JSON", help="COCO caption annotations (captions_val2014.json): "
+                   "--n image ids drawn with --seed, one random caption each (the FID-30k protocol)")
+  g.add_argument("--n", type=int, default=30000, help="--coco-captions: how many image ids (default 30000)")
+  g.add_argument("--caption-column", default=None, help="tables: the caption column (default caption|prompt|text)")
+  g.add_argument("--id-column", default=None, help="tables: the id column (default id|key|image_id, else row number)")
   g.add_argument("--images-per-prompt", type=int, default=1)
-  g.add_argument("--batch-size", type=int, default=8)
+  g.add_argument("--batch-size", type=int, default=8, help="output images per batch (per process; x candidates "
+                 "sampled rows); does not change the images")
   g.add_argument("--candidates", type=int, default=1, help="draw N per image and keep the best CLIP score")
+  g.add_argument("--format", choices=("png", "webdataset"), default="png",
+                 help="png: OUT/0000.png + 0000.json ...; webdataset: OUT/shard-000000.tar ... (--shard-size images)")
+  g.add_argument("--shard-size", type=int, default=None,
+                 help="images per work unit / tar shard (default: --batch-size for png, 1000 for webdataset)")
+  g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                 help="jax.distributed.initialize() (auto: when launch/gpu.sh, a TPU pod or SLURM is detected); the "
+                      "prompts are split across every process")
   v = sub.add_parser("variations", parents=[common], help="variations of an image")
   v.add_argument("--image", required=True)
   v.add_argument("--n", type=int, default=4)
@@ -103,17 +123,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   return parser().parse_args(argv)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompt_set(args: argparse.Namespace):
+  """--prompt / --prompts-file / --coco-captions -> a `prompt_sets.PromptSet`."""
+  from unclip_jax.inference import prompt_sets
+
   if args.prompt is not None:
-    prompts = [args.prompt]
-  else:
-    path = pathlib.Path(args.prompts_file)
-    if not path.is_file():
-      raise FileNotFoundError(f"prompts file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-  if not prompts:
-    raise ValueError(f"no prompts in {args.prompts_file}" if args.prompt is None else "the prompt is empty")
-  return prompts
+    if not args.prompt.strip():
+      raise ValueError("the prompt is empty")
+    return prompt_sets.PromptSet(["0"], [args.prompt], dict(format="prompt"))
+  if args.coco_captions is not None:
+    return prompt_sets.read_coco(args.coco_captions, args.n, args.seed)
+  return prompt_sets.read(args.prompts_file, caption_column=args.caption_column, id_column=args.id_column)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+  return read_prompt_set(args).captions
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -167,14 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+  from unclip_jax import distributed
   from unclip_jax.inference import manipulations as M
 
   # Every input is read and checked before any model is loaded or run.
   inputs: dict[str, Any] = {}
   if args.command == "generate":
-    inputs["prompts"] = read_prompts(args)
-    for name in ("images_per_prompt", "batch_size", "candidates"):
-      if getattr(args, name) < 1:
+    inputs["prompts"] = read_prompt_set(args)
+    for name in ("images_per_prompt", "batch_size", "candidates", "shard_size"):
+      if getattr(args, name) is not None and getattr(args, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   else:
     inputs["image"] = M.load_image(args.image)
@@ -189,22 +214,19 @@ def _run(args: argparse.Namespace) -> int:
     raise FileNotFoundError(f"no --bundle given and this installation has no embedded default model at "
                             f"{bundle_path}; convert one with `python -m unclip_jax.convert`")
 
+  if args.command == "generate":
+    distributed.maybe_initialize(args.distributed)
   from unclip_jax import compilation_cache
   from unclip_jax.inference.pipeline import UnCLIP
 
   compilation_cache.enable(compilation_cache.resolve(args.compilation_cache, compilation_cache.default_dir()))
   pipe = UnCLIP.from_bundle(bundle_path, sampling=sampling_overrides(args), dtype=resolve_dtype(args.dtype),
-                            progress=not args.no_progress, verify=not args.no_verify)
+                            progress=not args.no_progress and args.command != "generate", verify=not args.no_verify)
   base = dict(command=args.command, bundle=str(bundle_path), seed=args.seed, settings=pipe.settings())
   out = pathlib.Path(args.out)
   if args.command == "generate":
-    result = pipe.generate(inputs["prompts"], seed=args.seed, images_per_prompt=args.images_per_prompt,
-                           batch_size=args.batch_size, candidates=args.candidates)
-    metas = [dict(base, index=k, prompt=inputs["prompts"][p], prompt_index=p, clip_score=s,
-                  batch_size=args.batch_size, candidates=args.candidates)
-             for k, (p, s) in enumerate(zip(result.prompt_index, result.clip_scores))]
-    images = result.images
-  elif args.command == "variations":
+    return _generate(args, pipe, inputs["prompts"], bundle_path, base)
+  if args.command == "variations":
     images = M.variations(pipe, inputs["image"], args.n, eta=args.eta, seed=args.seed, latent=args.latent)
     metas = [dict(base, index=k, image=args.image, eta=args.eta, latent=args.latent) for k in range(len(images))]
   elif args.command == "interpolate":
@@ -222,6 +244,57 @@ def _run(args: argparse.Namespace) -> int:
   paths = write_outputs(out, images, metas, grid=not args.no_grid)
   print(json.dumps({"written": len(paths), "out": str(out), "size": int(images.shape[1])}))
   return 0
+
+
+def _bundle_digest(path: pathlib.Path) -> str | None:
+  import hashlib
+
+  record = path / "bundle.json"
+  return hashlib.sha256(record.read_bytes()).hexdigest() if record.is_file() else None
+
+
+def _generate(args: argparse.Namespace, pipe, prompts, bundle_path: pathlib.Path, base: dict) -> int:
+  """Text to images as a resumable job split over every process (see `inference/job.py`)."""
+  import jax
+
+  from unclip_jax import distributed
+  from unclip_jax.inference import batch, job as job_lib
+
+  if args.candidates > 1 and not pipe.has_image_encoder:
+    raise ValueError("--candidates > 1 reranks with CLIP's image tower, which this bundle's clip component lacks")
+  from unclip_jax.inference.pipeline import num_steps
+
+  for cfg in (pipe.prior_cfg, pipe.decoder_cfg, pipe.sr_cfg):   # bad step specs fail before OUT is created
+    if cfg is not None:
+      num_steps(cfg)
+  shard = args.shard_size or (args.batch_size if args.format == "png" else 1000)
+  plan = job_lib.Plan(prompts, args.images_per_prompt, args.batch_size, shard)
+  out = pathlib.Path(args.out)
+  record = dict(bundle=str(bundle_path.resolve()), bundle_json_sha256=_bundle_digest(bundle_path),
+                settings=pipe.settings(), seed=args.seed, dtype=str(pipe.dtype), candidates=args.candidates,
+                images_per_prompt=args.images_per_prompt, format=args.format, batch_size=args.batch_size,
+                shard_size=shard, prompts_sha256=prompts.digest(), num_prompts=len(prompts.captions))
+  manifest = dict(hash=job_lib.settings_hash(record), record=record, prompts_source=prompts.source,
+                  images=len(plan.rows), units=plan.num_units)
+  process, count = jax.process_index(), jax.process_count()
+  job_lib.check_manifest(out, manifest, write=process == 0)
+  distributed.barrier("unclip_sample_manifest")
+  job_lib.check_manifest(out, manifest, write=False)
+
+  def sample(captions, prompt_index, k):
+    return batch.sample_rows(pipe, captions, prompt_index, k, seed=args.seed, batch_size=args.batch_size,
+                             candidates=args.candidates)
+
+  meta = dict(base, candidates=args.candidates, images_per_prompt=args.images_per_prompt)
+  job = job_lib.Job(out, plan, sample, meta, fmt=args.format, process=process, process_count=count,
+                    devices=int(pipe.mesh.size), barrier=distributed.barrier, progress=not args.no_progress,
+                    grid=not args.no_grid)
+  rc = job.run()
+  if rc == 0 and process == 0:
+    summary = json.loads((out / job_lib.SUMMARY).read_text())
+    print(json.dumps({"written": summary["images"], "out": str(out), "size": pipe.image_size,
+                      "images_per_s": summary["images_per_s"]}))
+  return rc
 
 
 if __name__ == "__main__":

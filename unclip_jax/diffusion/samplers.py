@@ -135,8 +135,26 @@ def ddim_update(x_t, x0, eps, step: dict, noise, eta: float):
 
 
 def step_noise(rng: jax.Array, index, shape, dtype) -> jax.Array:
-  """The noise of sampling step `index`: N(0, 1) from fold_in(rng, index)."""
+  """The noise of sampling step `index`: N(0, 1) from fold_in(rng, index).
+
+  rng: one key (the whole [B, ...] batch drawn at once), or a batch of per-row keys [B] (row b draws
+  `normal(fold_in(rng[b], index), shape[1:])`, so a row's noise does not depend on the other rows).
+  """
+  if is_row_keys(rng):
+    if rng.shape[0] != shape[0]:
+      raise ValueError(f"per-row keys [{rng.shape[0]}] do not match the batch of noise shape {tuple(shape)}")
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, index), shape[1:], dtype))(rng)
   return jax.random.normal(jax.random.fold_in(rng, index), shape, dtype)
+
+
+def is_row_keys(rng) -> bool:
+  """A batch of typed keys [B] (per-row randomness), as opposed to one key (typed, or a legacy uint32 [2])."""
+  return jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1
+
+
+def row_normal(keys: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """Per-row initial noise: keys [B] -> [B, *shape], row b = normal(keys[b], shape)."""
+  return jax.vmap(lambda k: jax.random.normal(k, tuple(shape), dtype))(keys)
 
 
 def sampler_step(model_fn: ModelFn, x: jax.Array, step: dict, rng: jax.Array, *, diffusion: GaussianDiffusion,

@@ -7,8 +7,9 @@
 
 Each stage is one jitted function (one `lax.scan` over its steps, guidance batched as [uncond; cond]) compiled once
 per batch shape. Randomness is explicit: `StageNoise` holds each stage's initial noise and step-noise key, so a run
-can be replayed exactly (or fed the noise a peer implementation drew). `UnCLIP.generate` derives it from a seed:
-batch j uses `fold_in(key(seed), j)`, so outputs depend on the seed and the batch size.
+can be replayed exactly (or fed the noise a peer implementation drew). `UnCLIP.generate` gives every output row its
+own key, fold_in(fold_in(key(seed), prompt index), image index) (`StageNoise.from_row_keys`, `inference/batch.py`),
+so an image depends on the seed, its prompt's index and its image index, not on the batch it was sampled in.
 
 The uncond branch of each guided stage sees what that model was trained with: the stage config's `null_text`
 ("zeros": zero text, every token masked; "empty_prompt": the CLIP encoding of "", as Karlo / diffusers).
@@ -83,6 +84,19 @@ def num_steps(cfg) -> int:
   return len(table.timesteps)
 
 
+@jax.jit
+def _row_initial_noise(keys: jax.Array, like: jax.ShapeDtypeStruct | jax.Array) -> jax.Array:
+  return samplers.row_normal(jax.vmap(lambda k: jax.random.fold_in(k, 1 << 20))(keys), like.shape[1:])
+
+
+def initial_noise(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """A stage's x_T [B, ...] drawn from its key: normal(fold_in(rng, 2^20), shape) for one key; for per-row keys
+  [B], row b = normal(fold_in(rng[b], 2^20), shape[1:])."""
+  if samplers.is_row_keys(rng):
+    return _row_initial_noise(rng, jnp.zeros((rng.shape[0],) + tuple(shape[1:]), jnp.float32))
+  return jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape)
+
+
 @dataclasses.dataclass
 class StageNoise:
   """All the randomness of one batch. x_T None = drawn from the stage's key; rng = that stage's step-noise key
@@ -98,6 +112,16 @@ class StageNoise:
   def from_key(cls, key: jax.Array) -> "StageNoise":
     k = jax.random.split(key, 3)
     return cls(prior_rng=k[0], decoder_rng=k[1], super_res_rng=k[2])
+
+  @classmethod
+  def from_row_keys(cls, keys: jax.Array) -> "StageNoise":
+    """Per-row randomness: keys [B] -> every stage's keys [B] (row b's stages split keys[b] in 3), so each row's
+    image is a function of its own key only, whatever else shares its batch or device."""
+    k = _split3(keys)
+    return cls(prior_rng=k[:, 0], decoder_rng=k[:, 1], super_res_rng=k[:, 2])
+
+
+_split3 = jax.jit(jax.vmap(lambda k: jax.random.split(k, 3)))
 
 
 @dataclasses.dataclass
@@ -360,7 +384,7 @@ class UnCLIP:
     """Decoder images [B, s, s, 3] in [-1, 1] (s = decoder size) from image embeddings and text."""
     b = image_emb.shape[0]
     if x_T is None:
-      x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (b, self.decoder_size, self.decoder_size, 3))
+      x_T = initial_noise(rng, (b, self.decoder_size, self.decoder_size, 3))
     null = self._null(self.decoder_cfg, b)
     null = None if null is None else null.as_prior_cond()
     return self._decoder(self.decoder_params, *self._rows((self.decoder_cond(image_emb, text), x_T, rng, null,
@@ -376,7 +400,7 @@ class UnCLIP:
       return low_res
     if x_T is None:
       size = self.image_size
-      x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (low_res.shape[0], size, size, 3))
+      x_T = initial_noise(rng, (low_res.shape[0], size, size, 3))
     return self._super_res(self.sr_first, self.sr_last, *self._rows((low_res, x_T, rng)))
 
   def run(self, text: TextEncoding, noise: StageNoise, *, image_emb: jax.Array | None = None) -> dict[str, jax.Array]:
@@ -393,9 +417,13 @@ class UnCLIP:
     """Text to images: `images_per_prompt` images per prompt, prompt-major order.
 
     candidates > 1 draws that many images per output and keeps the one with the highest CLIP score with its
-    prompt (DALL-E 2's reranking; needs the clip component's image tower). Batches of `batch_size` rows (the last
-    one padded, so each stage compiles once).
+    prompt (DALL-E 2's reranking; needs the clip component's image tower). Batches of `batch_size` sampled rows
+    (the last one padded, so each stage compiles once). Image k of prompt p draws from
+    fold_in(fold_in(key(seed), p), k) only (`inference/batch.py`), so it does not depend on the batch size, the
+    devices or the other prompts (bitwise for one batch shape; within float rounding across batch shapes).
     """
+    from unclip_jax.inference import batch
+
     prompts = list(prompts)
     if not prompts:
       raise ValueError("no prompts given")
@@ -404,29 +432,8 @@ class UnCLIP:
     for name, v in (("images_per_prompt", images_per_prompt), ("batch_size", batch_size), ("candidates", candidates)):
       if int(v) < 1:
         raise ValueError(f"{name} must be >= 1, got {v}")
-    if candidates > 1 and not self.has_image_encoder:
-      raise ValueError("candidates > 1 reranks with CLIP's image tower, which this bundle's clip component lacks")
-    rows = [p for p in range(len(prompts)) for _ in range(images_per_prompt * candidates)]
-    text_all = self.encode_text(prompts)
-    outputs = []
-    base = jax.random.key(seed)
-    for j, start in enumerate(range(0, len(rows), batch_size)):
-      idx = rows[start:start + batch_size]
-      padded = np.asarray(idx + [idx[-1]] * (batch_size - len(idx)))
-      out = self.run(text_all.take(padded), StageNoise.from_key(jax.random.fold_in(base, j)))
-      outputs.append(np.asarray(out["images"])[:len(idx)])
-      log.info("batch %d: %d images", j, len(idx))
-    images = np.concatenate(outputs)
-    scores: list[float | None] = [None] * (len(rows) // candidates)
-    if candidates > 1:
-      from unclip_jax.stages import clip as clip_stage
-
-      img_emb = np.asarray(self.encode_image(list(to_uint8(images))))
-      groups = img_emb.reshape(len(rows) // candidates, candidates, -1)
-      text_emb = np.asarray(text_all.emb)[np.asarray(rows[::candidates])]
-      order, best = clip_stage.rerank(jnp.asarray(text_emb), jnp.asarray(groups))
-      keep = np.asarray(order)[:, 0]
-      images = images.reshape(len(keep), candidates, *images.shape[1:])[np.arange(len(keep)), keep]
-      scores = [float(s) for s in np.asarray(best)[:, 0]]
-    return Generation(images=to_uint8(images), prompt_index=rows[::candidates], clip_scores=scores,
+    rows = [(p, k) for p in range(len(prompts)) for k in range(images_per_prompt)]
+    out = batch.sample_rows(self, [prompts[p] for p, _ in rows], [p for p, _ in rows], [k for _, k in rows],
+                            seed=seed, batch_size=batch_size, candidates=candidates)
+    return Generation(images=out.images, prompt_index=[p for p, _ in rows], clip_scores=out.clip_scores,
                       settings=dict(self.settings(), seed=seed, batch_size=batch_size, candidates=candidates))

@@ -174,7 +174,9 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
   Args:
     cond: [B] text conditioning.
     rng: split into (x_T key, per-step noise key): `latent_rng, noise_rng = jax.random.split(rng)`; step i's
-      noise is `samplers.step_noise(noise_rng, i, (num_candidates·B, E))`.
+      noise is `samplers.step_noise(noise_rng, i, (num_candidates·B, E))`. Or per-row keys [B]: each row's key
+      is split the same way and candidate k of row b uses fold_in(part, k) (`row_candidate_keys`), so a row's
+      result does not depend on the rest of the batch.
     settings: sampler settings; guidance_scale != 1 runs the doubled batch [uncond; cond].
     num_candidates: n samples per prompt; the one with the highest cosine with `cond.emb` is kept.
     null_cond: the uncond branch's conditioning (default: `null_text_cond`; pass what training used).
@@ -188,7 +190,14 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
   if num_candidates < 1:
     raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
   b, e, n = cond.batch, model.embedding_dim, num_candidates
-  latent_rng, noise_rng = jax.random.split(rng)
+  if samplers.is_row_keys(rng):                             # per-row keys [B]: rows independent of each other
+    if rng.shape[0] != b:
+      raise ValueError(f"per-row keys [{rng.shape[0]}] do not match the batch {b}")
+    latent_rng, noise_rng = (row_candidate_keys(r, n) for r in jnp.moveaxis(jax.vmap(jax.random.split)(rng), 1, 0))
+    if x_T is None:
+      x_T = samplers.row_normal(latent_rng, (e,))
+  else:
+    latent_rng, noise_rng = jax.random.split(rng)
   if x_T is None:
     x_T = jax.random.normal(latent_rng, (n * b, e), jnp.float32)
   elif x_T.shape != (n * b, e):
@@ -207,6 +216,13 @@ def sample(params: Params, cond: TextCond, rng: jax.Array, *, model: PriorTransf
   scores = jnp.einsum("nbe,be->nb", _unit(emb), _unit(cond.emb.astype(jnp.float32)))
   best = jnp.take_along_axis(emb, jnp.argmax(scores, axis=0)[None, :, None], axis=0)[0]         # [B, E]
   return (best, emb, scores) if return_all else best
+
+
+def row_candidate_keys(keys: jax.Array, n: int) -> jax.Array:
+  """Per-row keys [B] -> candidate-major keys [n·B]: row k·B + b is fold_in(keys[b], k) (n = 1: the keys)."""
+  if n == 1:
+    return keys
+  return jnp.concatenate([jax.vmap(lambda r, k=k: jax.random.fold_in(r, k))(keys) for k in range(n)])
 
 
 def _unit(x: jax.Array) -> jax.Array:

@@ -1,0 +1,325 @@
+"""Batch sampling at scale (#19): per-row keys, resumable multi-host jobs, prompt sets, webdataset shards."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import build_tiny_bundle
+from unclip_jax import sample
+from unclip_jax.diffusion import samplers
+from unclip_jax.inference import batch, job as job_lib, prompt_sets
+from unclip_jax.inference.pipeline import UnCLIP
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FAST = ["--prior-steps", "2", "--decoder-steps", "2", "--no-progress"]
+SAMPLING = {"prior": {"steps": "2"}, "decoder": {"steps": "2"}}
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a purple circle", "a red square"]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+  return build_tiny_bundle(tmp_path_factory.mktemp("bundle"), super_res=False)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("prompts") / "p.txt"
+  path.write_text("\n".join(PROMPTS) + "\n\n")
+  return path
+
+
+def _pngs(out: pathlib.Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(out.glob("[0-9]*.png"))}
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
+# ---- noise and keys -----------------------------------------------------------------------------------------------
+def test_per_row_step_noise_is_independent_of_the_batch():
+  keys = batch.row_keys(3, [0, 1, 2, 3], [0, 0, 1, 1])
+  whole = samplers.step_noise(keys, 5, (4, 6), np.float32)
+  for b in range(4):
+    alone = samplers.step_noise(keys[b:b + 1], 5, (1, 6), np.float32)
+    np.testing.assert_array_equal(whole[b:b + 1], alone)
+  # a single key keeps the old whole-batch draw (the parity tests feed that)
+  key = jax.random.key(0)
+  np.testing.assert_array_equal(samplers.step_noise(key, 2, (3, 4), np.float32),
+                                jax.random.normal(jax.random.fold_in(key, 2), (3, 4)))
+  with pytest.raises(ValueError, match="per-row keys"):
+    samplers.step_noise(keys, 0, (3, 6), np.float32)
+
+
+def test_row_keys_depend_on_seed_prompt_and_k_only():
+  a = jax.random.key_data(batch.row_keys(0, [4, 2], [1, 0]))
+  b = jax.random.key_data(batch.row_keys(0, [9, 2], [0, 0]))
+  np.testing.assert_array_equal(a[1], b[1])
+  assert not np.array_equal(a[0], b[0])
+  assert not np.array_equal(a, jax.random.key_data(batch.row_keys(1, [4, 2], [1, 0])))
+
+
+# ---- the pipeline -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_images_do_not_depend_on_batch_size_or_devices(bundle_dir):
+  pipe = UnCLIP.from_bundle(bundle_dir, sampling=SAMPLING)
+  idx, k = [0, 1, 2, 3], [0, 1, 0, 2]
+  caps = [PROMPTS[i] for i in idx]
+  four = batch.sample_rows(pipe, caps, idx, k, seed=0, batch_size=4).images
+  np.testing.assert_array_equal(four, pipe.generate(PROMPTS[:4], seed=0, images_per_prompt=3, batch_size=4).images[
+      [0, 4, 6, 11]])
+  # the same batch shape: bitwise, also for a short batch padded to it (rows sit elsewhere in the batch)
+  again = batch.sample_rows(pipe, caps[2:], idx[2:], k[2:], seed=0, batch_size=4).images
+  np.testing.assert_array_equal(four[2:], again)
+  # batch 1 and 8 devices: XLA:CPU's matmul blocking depends on the shape, so float noise (≤ 2/255 here)
+  ones = np.concatenate([batch.sample_rows(pipe, caps[i:i + 1], idx[i:i + 1], k[i:i + 1], seed=0,
+                                           batch_size=1).images for i in range(4)])
+  assert np.abs(four.astype(int) - ones).max() <= 3
+  eight = UnCLIP.from_bundle(bundle_dir, sampling=SAMPLING, devices=jax.devices()[:8])
+  assert eight.mesh.size == 8
+  on8 = batch.sample_rows(eight, caps + caps, idx + idx, k + k, seed=0, batch_size=8).images
+  assert np.abs(four.astype(int) - on8[:4]).max() <= 3
+  np.testing.assert_array_equal(on8[:4], on8[4:])             # a row's image does not depend on its neighbours
+  other = batch.sample_rows(pipe, caps, idx, k, seed=1, batch_size=4).images
+  assert np.abs(four.astype(int) - other).mean() > 5
+
+
+# ---- prompt sets --------------------------------------------------------------------------------------------------
+def test_prompt_set_formats(tmp_path):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  rows = [{"id": "a1", "caption": "a red circle"}, {"id": "b2", "caption": "a blue square"}]
+  (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  with open(tmp_path / "p.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, ["id", "caption"])
+    w.writeheader()
+    w.writerows(rows)
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+  for suffix in ("jsonl", "csv", "parquet"):
+    s = prompt_sets.read(tmp_path / f"p.{suffix}")
+    assert s.ids == ["a1", "b2"] and s.captions == ["a red circle", "a blue square"], suffix
+  (tmp_path / "q.jsonl").write_text('{"text": "x"}\n{"text": "y"}\n')
+  assert prompt_sets.read(tmp_path / "q.jsonl").ids == ["0", "1"]
+  (tmp_path / "r.txt").write_text("one\n\n two \n")
+  assert prompt_sets.read(tmp_path / "r.txt").captions == ["one", "two"]
+  with pytest.raises(ValueError, match="no caption column"):
+    (tmp_path / "bad.csv").write_text("id,words\n1,x\n")
+    prompt_sets.read(tmp_path / "bad.csv")
+  with pytest.raises(ValueError, match="unique"):
+    (tmp_path / "dup.jsonl").write_text('{"id": 1, "caption": "x"}\n{"id": 1, "caption": "y"}\n')
+    prompt_sets.read(tmp_path / "dup.jsonl")
+  assert prompt_sets.read(tmp_path / "p.csv").digest() == prompt_sets.read(tmp_path / "p.parquet").digest()
+
+
+def _coco(path: pathlib.Path, images: int = 20) -> pathlib.Path:
+  anns = [{"id": 10 * i + j, "image_id": 1000 + i, "caption": f"image {i} caption {j} "}
+          for i in range(images) for j in range(5)]
+  path.write_text(json.dumps({"images": [{"id": 1000 + i} for i in range(images)], "annotations": anns}))
+  return path
+
+
+def test_coco_captions_protocol(tmp_path):
+  path = _coco(tmp_path / "captions_val2014.json")
+  a = prompt_sets.read_coco(path, 8, seed=3)
+  assert a.source["image_ids"] == [int(i) for i in a.ids] and len(set(a.ids)) == 8
+  for i, c in zip(a.ids, a.captions):
+    assert c.startswith(f"image {int(i) - 1000} caption ")
+  assert prompt_sets.read_coco(path, 8, seed=3).captions == a.captions
+  assert prompt_sets.read_coco(path, 8, seed=4).ids != a.ids
+  with pytest.raises(ValueError, match="--n must be in 1..20"):
+    prompt_sets.read_coco(path, 21, seed=0)
+
+
+# ---- the job, with a fake sampler ---------------------------------------------------------------------------------
+class _Fake:
+  """A sampler whose image is a function of (p, k): checks the job's bookkeeping without a model."""
+
+  def __init__(self, fail_after: int | None = None, on_call=None):
+    self.calls, self.fail_after, self.on_call = 0, fail_after, on_call
+
+  def __call__(self, captions, prompt_index, k):
+    if self.fail_after is not None and self.calls >= self.fail_after:
+      raise KeyboardInterrupt("killed")
+    self.calls += 1
+    if self.on_call:
+      self.on_call(self.calls)
+    images = np.stack([np.full((4, 4, 3), 10 * p + kk, np.uint8) for p, kk in zip(prompt_index, k)])
+    return batch.Rows(images, [None] * len(k))
+
+
+def _plan(n=7, per=2, bs=3, shard=None):
+  ps = prompt_sets.PromptSet([f"id{i}" for i in range(n)], [f"prompt {i}" for i in range(n)], {})
+  return job_lib.Plan(ps, per, bs, shard or bs)
+
+
+def test_units_split_over_processes_without_gaps_or_repeats():
+  plan = _plan(n=13, per=3, bs=4)
+  for count in (1, 2, 3, 8):
+    rows = [r for p in range(count) for u in plan.units_of(p, count) for b in plan.batches(u) for r in b]
+    assert sorted(rows) == list(range(len(plan.rows)))
+
+
+@pytest.mark.parametrize("fmt", ["png", "webdataset"])
+def test_job_resumes_to_the_uninterrupted_set(tmp_path, fmt):
+  full = tmp_path / "full"
+  plan = _plan(shard=6 if fmt == "webdataset" else None)
+  assert job_lib.Job(full, plan, _Fake(), {}, fmt=fmt, progress=False).run() == 0
+  part = tmp_path / "part"
+  with pytest.raises(KeyboardInterrupt):
+    job_lib.Job(part, plan, _Fake(fail_after=2), {}, fmt=fmt, progress=False).run()
+  rest = _Fake()
+  assert job_lib.Job(part, plan, rest, {}, fmt=fmt, progress=False).run() == 0
+  assert rest.calls == 3                                         # 5 batches, 2 done before the interruption
+  names = lambda d: sorted(p.name for p in d.iterdir() if not p.name.startswith(".") and p.name != "summary.json")
+  assert names(full) == names(part)
+  for name in names(full):
+    if name.endswith(".tar"):
+      assert job_lib.tar_members(full / name) == job_lib.tar_members(part / name)
+    else:
+      assert (full / name).read_bytes() == (part / name).read_bytes(), name
+  summary = json.loads((part / "summary.json").read_text())
+  assert summary["images"] == 14 and summary["images_this_run"] == 14 - 6
+
+
+def test_webdataset_shards(tmp_path):
+  plan = _plan(n=5, per=2, bs=3, shard=4)
+  assert job_lib.Job(tmp_path, plan, _Fake(), {"seed": 0}, fmt="webdataset", progress=False).run() == 0
+  shards = sorted(tmp_path.glob("shard-*.tar"))
+  assert [s.name for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+  with tarfile.open(shards[0]) as tar:
+    assert tar.getnames() == ["id0_0.png", "id0_0.json", "id0_1.png", "id0_1.json", "id1_0.png", "id1_0.json",
+                              "id1_1.png", "id1_1.json"]
+  samples = list(job_lib.iter_webdataset(tmp_path))
+  assert len(samples) == 10 and samples[0][2]["prompt"] == "prompt 0" and samples[0][2]["seed"] == 0
+  assert not (tmp_path / ".partial").exists() or not any((tmp_path / ".partial").iterdir())
+
+
+def test_sigterm_finishes_the_batch_and_exits_143(tmp_path):
+  plan = _plan()
+  fake = _Fake(on_call=lambda n: os.kill(os.getpid(), signal.SIGTERM) if n == 2 else None)
+  assert job_lib.Job(tmp_path, plan, fake, {}, progress=False).run() == job_lib.PREEMPTED_EXIT_CODE
+  assert fake.calls == 2 and len(list(tmp_path.glob("*.png"))) == 6
+  assert job_lib.Job(tmp_path, plan, _Fake(), {}, progress=False).run() == 0
+  assert len(list(tmp_path.glob("[0-9]*.png"))) == 14
+
+
+def test_manifest_refuses_other_settings(tmp_path):
+  m = {"hash": "a", "record": {"seed": 0}}
+  job_lib.check_manifest(tmp_path, m, write=True)
+  job_lib.check_manifest(tmp_path, m, write=True)
+  with pytest.raises(ValueError, match=r"other settings \(differs in \['seed'\]\)"):
+    job_lib.check_manifest(tmp_path, {"hash": "b", "record": {"seed": 1}}, write=True)
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+def test_cli_png_rerun_skips_and_other_settings_are_refused(bundle_dir, prompts_file, tmp_path, capsys):
+  out = tmp_path / "out"
+  args = ["--prompts-file", str(prompts_file), "--out", str(out), "--bundle", str(bundle_dir), "--batch-size", "4",
+          "--images-per-prompt", "2", *FAST]
+  assert sample.main(args) == 0
+  assert sorted(_pngs(out)) == [f"{i:04d}.png" for i in range(10)] and (out / "grid.png").is_file()
+  meta = json.loads((out / "0003.json").read_text())
+  assert meta["prompt"] == PROMPTS[1] and meta["prompt_index"] == 1 and meta["k"] == 1 and meta["index"] == 3
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["images"] == 10 and summary["images_this_run"] == 10 and summary["images_per_s"] > 0
+  first = _pngs(out)
+  assert sample.main(args) == 0
+  assert json.loads((out / "summary.json").read_text())["images_this_run"] == 0 and _pngs(out) == first
+  capsys.readouterr()
+  assert sample.main(args + ["--seed", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "other settings" in err and "seed" in err
+  # webdataset output of the same rows holds the same images as the png folder
+  wds = tmp_path / "wds"
+  assert sample.main(args[:3] + [str(wds)] + args[4:] + ["--format", "webdataset", "--shard-size", "6"]) == 0
+  got = {key: png for key, png, _ in job_lib.iter_webdataset(wds)}
+  assert len(got) == 10 and got["1_1"] == first["0003.png"]
+
+
+def test_cli_coco_records_the_chosen_ids(bundle_dir, tmp_path):
+  coco = _coco(tmp_path / "captions_val2014.json")
+  out = tmp_path / "out"
+  assert sample.main(["--coco-captions", str(coco), "--n", "3", "--seed", "5", "--out", str(out), "--bundle",
+                      str(bundle_dir), "--batch-size", "4", *FAST]) == 0
+  manifest = json.loads((out / "manifest.json").read_text())
+  chosen = prompt_sets.read_coco(coco, 3, seed=5)
+  assert manifest["prompts_source"]["image_ids"] == [int(i) for i in chosen.ids]
+  assert [json.loads((out / f"{i:04d}.json").read_text())["prompt_id"] for i in range(3)] == chosen.ids
+
+
+def _cli_cmd(bundle_dir, prompts_file, out, *extra):
+  return [sys.executable, "-m", "unclip_jax.sample", "--prompts-file", str(prompts_file), "--out", str(out),
+          "--bundle", str(bundle_dir), "--batch-size", "1", "--images-per-prompt", "4", *FAST, *extra]
+
+
+def _wait_for_first_batch(proc, out: pathlib.Path) -> None:
+  deadline = time.time() + 600
+  while not (out / ".done").is_dir() or not any((out / ".done").glob("*.json")):
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+    time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kill_9_and_sigterm_mid_run_then_resume(bundle_dir, prompts_file, tmp_path):
+  full = tmp_path / "full"
+  subprocess.run(_cli_cmd(bundle_dir, prompts_file, full), check=True, env=_env(), timeout=600, capture_output=True)
+  for how in (signal.SIGKILL, signal.SIGTERM):
+    out = tmp_path / f"out_{how.name}"
+    proc = subprocess.Popen(_cli_cmd(bundle_dir, prompts_file, out), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    _wait_for_first_batch(proc, out)
+    proc.send_signal(how)
+    rc = proc.wait(timeout=600)
+    done = len(list((out / ".done").glob("*.json")))
+    if how == signal.SIGTERM:
+      assert rc == job_lib.PREEMPTED_EXIT_CODE, proc.stderr.read()[-2000:]
+    else:
+      assert rc == -9
+    assert done < 20, "the run finished before it could be interrupted"
+    assert len(_pngs(out)) >= done
+    subprocess.run(_cli_cmd(bundle_dir, prompts_file, out), check=True, env=_env(), timeout=600,
+                   capture_output=True)
+    assert _pngs(out) == _pngs(full), how.name
+    assert json.loads((out / "summary.json").read_text())["images_this_run"] == 20 - done
+    assert not list(out.glob(".*.tmp*"))
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_work_and_match_one(bundle_dir, prompts_file, tmp_path):
+  one = tmp_path / "one"
+  # the same XLA:CPU set-up as each of the two processes (1 device), so the programs are the same
+  subprocess.run(_cli_cmd(bundle_dir, prompts_file, one), check=True, timeout=600, capture_output=True,
+                 env=dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"))
+  two = tmp_path / "two"
+  env = {k: v for k, v in _env().items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(UNCLIP_LAUNCH_CPU="1", NPROC="2", CPU_DEVICES="1", UNCLIP_MODULE="unclip_jax.sample",
+             UNCLIP_VENV=str(pathlib.Path(sys.executable).parent.parent), LOG_DIR=str(tmp_path / "logs"))
+  cmd = ["bash", str(ROOT / "launch" / "gpu.sh"), *_cli_cmd(bundle_dir, prompts_file, two)[3:]]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+  logs = "".join((tmp_path / "logs" / f"process_{i}.log").read_text()[-3000:] for i in range(2))
+  assert proc.returncode == 0, proc.stderr[-2000:] + logs
+  assert _pngs(two) == _pngs(one)
+  summary = json.loads((two / "summary.json").read_text())
+  assert summary["processes"] == 2 and summary["images_this_run"] == 20
+  assert [r["images"] for r in summary["per_process"]] == [10, 10]           # even and odd units
+
+
+def test_legacy_uint32_keys_stay_one_key():
+  key = jax.random.PRNGKey(0)                                     # uint32 [2]: one key, not two rows
+  assert not samplers.is_row_keys(key) and samplers.is_row_keys(batch.row_keys(0, [0, 1], [0, 0]))
+  np.testing.assert_array_equal(samplers.step_noise(key, 1, (2, 3), np.float32),
+                                jax.random.normal(jax.random.fold_in(key, 1), (2, 3)))

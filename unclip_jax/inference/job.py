@@ -1,0 +1,319 @@
+"""A resumable, multi-host batch sampling job (what `python -m unclip_jax.sample` runs for text to image).
+
+  rows      (p, k) for every prompt p and image k < images_per_prompt, prompt-major; row r is output number r
+  units     consecutive runs of `shard_size` rows (png: shard_size = batch_size); unit u belongs to process
+            u % process_count, so every row is sampled by exactly one host
+  batches   each unit's rows in batches of `batch_size` (the last padded: one compile per job)
+
+Finished work is recorded as it is written, atomically (write to a temporary name, then rename): png format writes
+OUT/0000.png + 0000.json per row and OUT/.done/<unit>-<batch>.json after each batch; webdataset format stages
+each batch as OUT/.partial/<unit>/<batch>.tar and packs the unit into OUT/shard-000000.tar when it is complete.
+OUT/manifest.json holds a hash of everything that decides the images (model, settings, seed, prompts, layout);
+a rerun into the same folder skips the recorded work, and a rerun with other settings is refused. SIGTERM
+finishes the batch in flight, records it and exits with PREEMPTED_EXIT_CODE (143), as training does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import pathlib
+import signal
+import tarfile
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from unclip_jax.inference.prompt_sets import PromptSet
+
+log = logging.getLogger(__name__)
+PREEMPTED_EXIT_CODE = 143
+FORMATS = ("png", "webdataset")
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+
+
+# ---- file writes (one place, so another filesystem layer can slot in) ---------------------------------------------
+def write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to path via a temporary sibling and a rename: readers see all of it or nothing."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  from PIL import Image
+
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+  buf = io.BytesIO()
+  with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    for name, data in members:
+      info = tarfile.TarInfo(name)
+      info.size, info.mtime, info.mode = len(data), 0, 0o644
+      tar.addfile(info, io.BytesIO(data))
+  return buf.getvalue()
+
+
+def tar_members(path: pathlib.Path) -> list[tuple[str, bytes]]:
+  with tarfile.open(path) as tar:
+    return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+# ---- the plan -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Plan:
+  """rows: [(prompt index, k)] prompt-major; unit u = rows[u·shard_size : (u+1)·shard_size]."""
+  prompts: PromptSet
+  images_per_prompt: int
+  batch_size: int
+  shard_size: int
+
+  def __post_init__(self):
+    for name in ("images_per_prompt", "batch_size", "shard_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    self.rows = [(p, k) for p in range(len(self.prompts.captions)) for k in range(self.images_per_prompt)]
+
+  @property
+  def num_units(self) -> int:
+    return -(-len(self.rows) // self.shard_size)
+
+  def unit_rows(self, u: int) -> range:
+    return range(u * self.shard_size, min((u + 1) * self.shard_size, len(self.rows)))
+
+  def batches(self, u: int) -> list[range]:
+    rows = self.unit_rows(u)
+    return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+
+  def units_of(self, process: int, count: int) -> list[int]:
+    return list(range(process, self.num_units, count))
+
+
+def settings_hash(record: dict) -> str:
+  return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_manifest(out: pathlib.Path, manifest: dict, *, write: bool) -> None:
+  """Refuses an output folder whose manifest records other settings; writes ours when absent (process 0)."""
+  path = out / MANIFEST
+  if path.exists():
+    old = json.loads(path.read_text())
+    if old.get("hash") != manifest["hash"]:
+      diff = sorted(k for k in set(old.get("record", {})) | set(manifest["record"])
+                    if old.get("record", {}).get(k) != manifest["record"].get(k))
+      raise ValueError(f"{out} holds a sampling run with other settings (differs in {diff}); use a new --out, or "
+                       f"rerun with the same settings to resume it")
+  elif write:
+    write_atomic(path, json.dumps(manifest, indent=1, default=str).encode())
+
+
+class Preemption:
+  """SIGTERM -> a flag checked after each batch (the batch in flight is finished and recorded first)."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    log.warning("SIGTERM received: recording the batch in flight, then exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+def row_name(r: int) -> str:
+  return f"{r:04d}"
+
+
+def wds_key(prompts: PromptSet, p: int, k: int) -> str:
+  safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in prompts.ids[p])
+  return f"{safe}_{k}"
+
+
+SampleFn = Callable[[list[str], list[int], list[int]], Any]   # (captions, prompt idx, k) -> batch.Rows
+
+
+@dataclasses.dataclass
+class Job:
+  """One process's share of a sampling run. `sample(captions, prompt_index, k)` -> `batch.Rows` for ≤ batch_size
+  rows; `meta` goes into every image's JSON; `devices` is this process's device count (for the summary)."""
+  out: pathlib.Path
+  plan: Plan
+  sample: SampleFn
+  meta: dict
+  fmt: str = "png"
+  process: int = 0
+  process_count: int = 1
+  devices: int = 1
+  barrier: Callable[[str], None] = lambda name: None
+  progress: bool = True
+  grid: bool = True
+  grid_limit: int = 256
+
+  def _done_marker(self, u: int, b: int) -> pathlib.Path:
+    return self.out / ".done" / f"{u:06d}-{b:04d}.json"
+
+  def _shard(self, u: int) -> pathlib.Path:
+    return self.out / f"shard-{u:06d}.tar"
+
+  def _partial(self, u: int, b: int) -> pathlib.Path:
+    return self.out / ".partial" / f"{u:06d}" / f"{b:04d}.tar"
+
+  def batch_done(self, u: int, b: int) -> bool:
+    if self.fmt == "webdataset":
+      return self._shard(u).exists() or self._partial(u, b).exists()
+    return self._done_marker(u, b).exists()
+
+  def rows_done(self) -> int:
+    """Rows of the whole run already recorded (any process)."""
+    n = 0
+    for u in range(self.plan.num_units):
+      if self.fmt == "webdataset" and self._shard(u).exists():
+        n += len(self.plan.unit_rows(u))
+        continue
+      n += sum(len(rows) for b, rows in enumerate(self.plan.batches(u)) if self.batch_done(u, b))
+    return n
+
+  def _metas(self, rows: range, result) -> list[dict]:
+    out = []
+    for r, score in zip(rows, result.clip_scores):
+      p, k = self.plan.rows[r]
+      out.append(dict(self.meta, index=r, prompt=self.plan.prompts.captions[p], prompt_index=p,
+                      prompt_id=self.plan.prompts.ids[p], k=k, clip_score=score))
+    return out
+
+  def _write_batch(self, u: int, b: int, rows: range, result) -> None:
+    metas = self._metas(rows, result)
+    if self.fmt == "webdataset":
+      members = []
+      for r, image, meta in zip(rows, result.images, metas):
+        key = wds_key(self.plan.prompts, *self.plan.rows[r])
+        members += [(f"{key}.png", png_bytes(image)), (f"{key}.json", json.dumps(meta, default=str).encode())]
+      write_atomic(self._partial(u, b), tar_bytes(members))
+      return
+    for r, image, meta in zip(rows, result.images, metas):
+      write_atomic(self.out / f"{row_name(r)}.png", png_bytes(image))
+      write_atomic(self.out / f"{row_name(r)}.json", json.dumps(meta, indent=1, default=str).encode())
+    write_atomic(self._done_marker(u, b), json.dumps({"rows": [rows.start, rows.stop]}).encode())
+
+  def _finish_unit(self, u: int) -> None:
+    if self.fmt != "webdataset" or self._shard(u).exists():
+      return
+    parts = [self._partial(u, b) for b in range(len(self.plan.batches(u)))]
+    members = [m for part in parts for m in tar_members(part)]
+    write_atomic(self._shard(u), tar_bytes(members))
+    for part in parts:
+      part.unlink()
+    try:
+      parts[0].parent.rmdir()
+    except OSError:
+      pass
+
+  def _progress_file(self, process: int) -> pathlib.Path:
+    return self.out / ".progress" / f"process_{process:05d}.json"
+
+  def _report(self, images: int, seconds: float) -> None:
+    write_atomic(self._progress_file(self.process), json.dumps(
+        {"images": images, "seconds": seconds, "devices": self.devices}).encode())
+
+  def _others(self) -> int:
+    n = 0
+    for i in range(self.process_count):
+      if i != self.process and self._progress_file(i).exists():
+        try:
+          n += json.loads(self._progress_file(i).read_text())["images"]
+        except (ValueError, KeyError):
+          pass
+    return n
+
+  def run(self) -> int:
+    """Samples this process's pending batches; returns 0, or PREEMPTED_EXIT_CODE after SIGTERM."""
+    from tqdm.auto import tqdm
+
+    self.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    already = self.rows_done()
+    self.barrier("unclip_sample_start")              # every process has seen the same finished work
+    self._report(0, 0.0)
+    bar = tqdm(total=len(self.plan.rows), initial=already, desc="images", unit="img", smoothing=0.1,
+               disable=not self.progress or self.process != 0, dynamic_ncols=True)
+    made = 0
+    with Preemption() as stop:
+      for u in self.plan.units_of(self.process, self.process_count):
+        if self.fmt == "webdataset" and self._shard(u).exists():
+          continue
+        for b, rows in enumerate(self.plan.batches(u)):
+          if self.batch_done(u, b):
+            continue
+          p = [self.plan.rows[r][0] for r in rows]
+          result = self.sample([self.plan.prompts.captions[i] for i in p], p, [self.plan.rows[r][1] for r in rows])
+          self._write_batch(u, b, rows, result)
+          made += len(rows)
+          self._report(made, time.perf_counter() - start)
+          bar.n = min(already + made + self._others(), len(self.plan.rows))
+          bar.refresh()
+          if stop.requested:
+            bar.close()
+            log.warning("preempted: %d images recorded this run; rerun the same command to resume", made)
+            return PREEMPTED_EXIT_CODE
+        self._finish_unit(u)
+    bar.close()
+    self._report(made, time.perf_counter() - start)
+    self.barrier("unclip_sample_end")
+    if self.process == 0:
+      self._summary(time.perf_counter() - start)    # the job's wall time: until the slowest process is done
+    return 0
+
+  def _summary(self, seconds: float) -> dict:
+    reports = [json.loads(self._progress_file(i).read_text()) for i in range(self.process_count)
+               if self._progress_file(i).exists()]
+    made = sum(r["images"] for r in reports)
+    devices = sum(r["devices"] for r in reports)
+    summary = dict(images=len(self.plan.rows), images_this_run=made, seconds=round(seconds, 3),
+                   images_per_s=made / seconds if seconds > 0 else None,
+                   images_per_s_per_device=made / seconds / max(devices, 1) if seconds > 0 else None,
+                   processes=self.process_count, devices=devices, format=self.fmt,
+                   per_process=reports)
+    write_atomic(self.out / SUMMARY, json.dumps(summary, indent=1).encode())
+    if self.fmt == "png" and self.grid and len(self.plan.rows) <= self.grid_limit:
+      self._grid()
+    return summary
+
+  def _grid(self) -> None:
+    from PIL import Image
+
+    from unclip_jax.inference.images import image_grid
+
+    images = np.stack([np.asarray(Image.open(self.out / f"{row_name(r)}.png").convert("RGB"))
+                       for r in range(len(self.plan.rows))])
+    buf = io.BytesIO()
+    Image.fromarray(image_grid(images.astype(np.float32) / 127.5 - 1.0)).save(buf, format="PNG")
+    write_atomic(self.out / "grid.png", buf.getvalue())
+
+
+def iter_webdataset(out: pathlib.Path) -> Iterator[tuple[str, bytes, dict]]:
+  """(key, png bytes, meta) of every sample in OUT's shards, in shard order."""
+  for shard in sorted(pathlib.Path(out).glob("shard-*.tar")):
+    members = dict(tar_members(shard))
+    for name in sorted(members):
+      if name.endswith(".png"):
+        key = name[:-4]
+        yield key, members[name], json.loads(members[f"{key}.json"])
