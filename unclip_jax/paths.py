@@ -25,7 +25,7 @@ PathLike = Union[str, os.PathLike]
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
-class UnreachablePathError(OSError):
+class UnreachablePathError(FileNotFoundError):
   """A user-given path cannot be read or written; the message names the path and what it was for."""
 
 

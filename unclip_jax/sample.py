@@ -18,6 +18,7 @@ setting of that image, and grid.png. Prompts files: one prompt a line.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import pathlib
@@ -143,12 +144,24 @@ def write_outputs(out: pathlib.Path, images: np.ndarray, metas: list[dict], grid
   paths = []
   for k, (image, meta) in enumerate(zip(images, metas)):
     path = out / f"{k:04d}.png"
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    _save_png(Image.fromarray(np.asarray(image, np.uint8)), path)
     (out / f"{k:04d}.json").write_text(json.dumps(meta, indent=1, default=str))
     paths.append(path)
   if grid and len(images):
-    Image.fromarray(image_grid(np.asarray(images, np.float32) / 127.5 - 1.0)).save(out / "grid.png")
+    _save_png(Image.fromarray(image_grid(np.asarray(images, np.float32) / 127.5 - 1.0)), out / "grid.png")
   return paths
+
+
+def _save_png(image, path) -> None:
+  """PIL save; a `gs://` path gets one upload of the encoded PNG."""
+  from unclip_jax import paths as paths_lib
+
+  if not paths_lib.is_remote(path):
+    image.save(path)
+    return
+  buf = io.BytesIO()
+  image.save(buf, format="PNG")
+  path.write_bytes(buf.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -179,7 +192,13 @@ def _run(args: argparse.Namespace) -> int:
       inputs["mask"] = M.load_mask(args.mask, inputs["image"].shape)
     if args.n < 1:
       raise ValueError(f"--n must be >= 1, got {args.n}")
-  bundle_path = pathlib.Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+  from unclip_jax import paths as paths_lib
+
+  bundle_path = paths_lib.as_path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+  if args.bundle and paths_lib.is_remote(args.bundle):      # unreachable URLs fail here, before any model loads
+    paths_lib.check_reachable(args.bundle, "--bundle")
+  if paths_lib.is_remote(args.out):
+    paths_lib.check_reachable(args.out, "--out", write=True)
   if args.bundle is None and not bundle_path.is_dir():
     raise FileNotFoundError(f"no --bundle given and this installation has no embedded default model at "
                             f"{bundle_path}; convert one with `python -m unclip_jax.convert`")
@@ -191,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
   pipe = UnCLIP.from_bundle(bundle_path, sampling=sampling_overrides(args), dtype=resolve_dtype(args.dtype),
                             progress=not args.no_progress, verify=not args.no_verify)
   base = dict(command=args.command, bundle=str(bundle_path), seed=args.seed, settings=pipe.settings())
-  out = pathlib.Path(args.out)
+  out = paths_lib.as_path(args.out)
   if args.command == "generate":
     result = pipe.generate(inputs["prompts"], seed=args.seed, images_per_prompt=args.images_per_prompt,
                            batch_size=args.batch_size, candidates=args.candidates)
