@@ -46,6 +46,9 @@ setup(
             "transformers>=5.6,<6",
             "diffusers==0.42.1",
             "safetensors>=0.4",
+            # tests/test_gcs.py: gs:// through etils.epath (gcsfs) against a local GCS emulator.
+            "gcsfs>=2024.2",
+            "gcp-storage-emulator>=2024.8",
         ],
         # `python -m unclip_jax.demo`, the web demo.
         "demo": ["gradio>=6.0,<7"],

@@ -22,6 +22,7 @@ to check against and load with a one-line note (logged at INFO).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import ml_collections as mlc
 import numpy as np
 
 import unclip_jax
-from unclip_jax import config_lib
+from unclip_jax import config_lib, paths
 from unclip_jax.ckpt import integrity
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ def save_component(root: PathLike, name: str, cfg, params: Params, dtype: str | 
   check_params(params, cfg, f"component {name!r}")
   from safetensors.numpy import save_file
 
+  if paths.is_remote(root):
+    return _save_component_remote(paths.as_path(root), name, cfg, params, np_dtype, dtype)
   root = pathlib.Path(root)
   root.mkdir(parents=True, exist_ok=True)
   final = root / name
@@ -177,13 +180,33 @@ def save_component(root: PathLike, name: str, cfg, params: Params, dtype: str | 
   return final
 
 
-def read_json(path: pathlib.Path, what: str):
+def _save_component_remote(root, name: str, cfg, params: Params, np_dtype, dtype: str | None):
+  """save_component on object storage (no rename): each file is one upload of its final object, config first,
+  then params, then bundle.json with their digests. A reader that verifies (the default) rejects a component
+  whose files do not match bundle.json, so an interrupted update is detected, never loaded silently."""
+  from safetensors.numpy import save
+
+  tensors = {k: np.array(np.asarray(v, np.float32).astype(np_dtype), order="C")
+             for k, v in flatten_params(params).items()}
+  blobs = {CONFIG_NAME: json.dumps(config_lib.to_dict(cfg), indent=2, sort_keys=True).encode(),
+           PARAMS_NAME: save(tensors, metadata={"format": FORMAT, "component": name, "dtype": dtype or "float32"})}
+  final = root / name
+  final.mkdir(parents=True, exist_ok=True)
+  files = {}
+  for fname in COMPONENT_FILES:
+    (final / fname).write_bytes(blobs[fname])
+    files[f"{name}/{fname}"] = {"size": len(blobs[fname]), "sha256": hashlib.sha256(blobs[fname]).hexdigest()}
+  manifest = read_manifest_or_none(root)
+  write_manifest(root, source=(manifest or {}).get("source", ""), files=files)
+  return final
+
+
+def read_json(path, what: str):
   """A JSON file; FileNotFoundError / ValueError naming `what` and the path when missing or corrupt."""
   if not path.is_file():
     raise FileNotFoundError(f"{what} not found: {path}")
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(path.read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"corrupt {what} {path}: {e}") from e
 
@@ -201,7 +224,7 @@ def load_component(root: PathLike, name: str, *, verify: bool = True) -> tuple[m
       match the model built from the config (names the first bad key).
   """
   stage = _check_name(name)
-  folder = pathlib.Path(root) / name
+  folder = paths.as_path(root) / name
   if not folder.is_dir():
     raise FileNotFoundError(f"bundle component folder not found: {folder}")
   for fname, what in ((CONFIG_NAME, "component config"), (PARAMS_NAME, "component params")):
@@ -232,7 +255,7 @@ def load_component(root: PathLike, name: str, *, verify: bool = True) -> tuple[m
 
 def list_components(root: PathLike) -> list[str]:
   """Components present in the bundle (folder with config.json and params.safetensors), in COMPONENTS order."""
-  root = pathlib.Path(root)
+  root = paths.as_path(root)
   return [n for n in COMPONENTS if (root / n / CONFIG_NAME).is_file() and (root / n / PARAMS_NAME).is_file()]
 
 
@@ -242,7 +265,7 @@ def write_manifest(root: PathLike, *, source: str = "", components: list[str] | 
   """Writes BUNDLE/bundle.json atomically (components default to those present), with the size + sha256 of every
   component file: taken from `files`, else from the previous manifest when the size still matches, else hashed
   now. Returns the manifest."""
-  root = pathlib.Path(root)
+  root = paths.as_path(root)
   root.mkdir(parents=True, exist_ok=True)
   comps = list_components(root) if components is None else list(components)
   for c in comps:
@@ -253,10 +276,13 @@ def write_manifest(root: PathLike, *, source: str = "", components: list[str] | 
     for fname in COMPONENT_FILES:
       rel = f"{c}/{fname}"
       old = known.get(rel)
-      same_size = isinstance(old, dict) and old.get("size") == (root / rel).stat().st_size
+      same_size = isinstance(old, dict) and old.get("size") == _size(root / rel)
       records[rel] = dict(old) if same_size else integrity.file_digest(root / rel)
   manifest = {"format": FORMAT, "schema": SCHEMA, "unclip_jax": unclip_jax.__version__, "components": comps,
               "source": source, "files": records}
+  if paths.is_remote(root):                  # one upload of the final object: atomic on object storage
+    (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return manifest
   tmp = root / f".{MANIFEST_NAME}.{uuid.uuid4().hex[:8]}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(manifest, f, indent=2)
@@ -264,11 +290,15 @@ def write_manifest(root: PathLike, *, source: str = "", components: list[str] | 
   return manifest
 
 
+def _size(path) -> int:
+  return int(path.stat().length) if paths.is_remote(path) else path.stat().st_size
+
+
 def verify_component(root: PathLike, name: str) -> bool:
   """Checks BUNDLE/<name>'s files against bundle.json's record. True when verified; False (with an INFO note) when
   the bundle has no record for it. Raises integrity.IntegrityError naming the file when one differs, and
   FileNotFoundError / ValueError when bundle.json exists but is unreadable."""
-  root = pathlib.Path(root)
+  root = paths.as_path(root)
   manifest = read_manifest(root) if (root / MANIFEST_NAME).exists() else None
   files = (manifest or {}).get("files") or {}
   wanted = {f"{name}/{f}": files[f"{name}/{f}"] for f in COMPONENT_FILES if f"{name}/{f}" in files}
@@ -292,7 +322,7 @@ def verify_bundle(root: PathLike) -> list[str]:
 
 def read_manifest(root: PathLike) -> dict[str, Any]:
   """BUNDLE/bundle.json, checked: the format name, a schema this code reads, and components that exist."""
-  root = pathlib.Path(root)
+  root = paths.as_path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"bundle folder not found: {root}")
   path = root / MANIFEST_NAME
@@ -309,7 +339,7 @@ def read_manifest(root: PathLike) -> dict[str, Any]:
   return m
 
 
-def read_manifest_or_none(root: pathlib.Path):
+def read_manifest_or_none(root):
   """The manifest, or None when it is missing or unreadable."""
   try:
     return read_manifest(root)
@@ -329,15 +359,15 @@ def export_from_training(workdir: PathLike, bundle_root: PathLike, component: st
   from unclip_jax.ckpt import manager
 
   stage = _check_name(component)
-  if not pathlib.Path(workdir).is_dir():
-    raise FileNotFoundError(f"no training checkpoints at {pathlib.Path(workdir) / 'checkpoints'}")
+  if not paths.as_path(workdir).is_dir():
+    raise FileNotFoundError(f"no training checkpoints at {paths.as_path(workdir) / 'checkpoints'}")
   params, config, meta = manager.restore_params(workdir, step=step, which=which)
   cfg = config_lib.complete(config)
   if cfg.get("stage") != stage:
     raise ValueError(f"{workdir}: the run trained stage {cfg.get('stage')!r}; component {component!r} needs a "
                      f"{stage!r} run")
   save_component(bundle_root, component, cfg, params, dtype=dtype)
-  manifest = read_manifest_or_none(pathlib.Path(bundle_root)) or {}
+  manifest = read_manifest_or_none(paths.as_path(bundle_root)) or {}
   # One "component: origin" entry per component; re-exporting a component replaces its entry.
   entries = [e for e in manifest.get("source", "").split("; ") if e and not e.startswith(f"{component}: ")]
   entries.append(f"{component}: training:{os.fspath(workdir)}@{meta['step']}")

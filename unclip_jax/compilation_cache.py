@@ -17,13 +17,15 @@ def default_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "unclip_jax" / "xla"
 
 
-def resolve(flag: str | None, default: pathlib.Path | None = None) -> pathlib.Path | None:
+def resolve(flag: str | None, default: pathlib.Path | None = None):
   """A command-line value -> the cache folder, None = no cache: the flag, else $UNCLIP_JAX_CACHE, else `default`;
-  an empty string disables it."""
+  an empty string disables it. A `gs://` folder (shared by the workers of a pod) stays a URL."""
   value = flag if flag is not None else os.environ.get(ENV)
   if value is None:
     return default
-  return pathlib.Path(value).expanduser() if value.strip() else None
+  from unclip_jax import paths
+
+  return paths.as_path(value) if value.strip() else None          # gs:// stays a URL (jax reads it via epath)
 
 
 def enable(path: pathlib.Path | None) -> None:
@@ -35,7 +37,7 @@ def enable(path: pathlib.Path | None) -> None:
 
   try:
     path.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
+  except Exception as e:  # noqa: BLE001 - an OSError locally; a bucket error (credentials, missing) on gs://
     logging.warning("compilation cache disabled: cannot create %s (%s)", path, e)
     return
   jax.config.update("jax_compilation_cache_dir", str(path))

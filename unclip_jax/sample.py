@@ -24,6 +24,7 @@ recording the batch in flight; --format webdataset writes tar shards; OUT/summar
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import pathlib
@@ -167,12 +168,24 @@ def write_outputs(out: pathlib.Path, images: np.ndarray, metas: list[dict], grid
   paths = []
   for k, (image, meta) in enumerate(zip(images, metas)):
     path = out / f"{k:04d}.png"
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+    _save_png(Image.fromarray(np.asarray(image, np.uint8)), path)
     (out / f"{k:04d}.json").write_text(json.dumps(meta, indent=1, default=str))
     paths.append(path)
   if grid and len(images):
-    Image.fromarray(image_grid(np.asarray(images, np.float32) / 127.5 - 1.0)).save(out / "grid.png")
+    _save_png(Image.fromarray(image_grid(np.asarray(images, np.float32) / 127.5 - 1.0)), out / "grid.png")
   return paths
+
+
+def _save_png(image, path) -> None:
+  """PIL save; a `gs://` path gets one upload of the encoded PNG."""
+  from unclip_jax import paths as paths_lib
+
+  if not paths_lib.is_remote(path):
+    image.save(path)
+    return
+  buf = io.BytesIO()
+  image.save(buf, format="PNG")
+  path.write_bytes(buf.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -209,7 +222,13 @@ def _run(args: argparse.Namespace) -> int:
       inputs["mask"] = M.load_mask(args.mask, inputs["image"].shape)
     if args.n < 1:
       raise ValueError(f"--n must be >= 1, got {args.n}")
-  bundle_path = pathlib.Path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+  from unclip_jax import paths as paths_lib
+
+  bundle_path = paths_lib.as_path(args.bundle) if args.bundle else DEFAULT_BUNDLE
+  if args.bundle and paths_lib.is_remote(args.bundle):      # unreachable URLs fail here, before any model loads
+    paths_lib.check_reachable(args.bundle, "--bundle")
+  if paths_lib.is_remote(args.out):
+    paths_lib.check_reachable(args.out, "--out", write=True)
   if args.bundle is None and not bundle_path.is_dir():
     raise FileNotFoundError(f"no --bundle given and this installation has no embedded default model at "
                             f"{bundle_path}; convert one with `python -m unclip_jax.convert`")
@@ -223,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
   pipe = UnCLIP.from_bundle(bundle_path, sampling=sampling_overrides(args), dtype=resolve_dtype(args.dtype),
                             progress=not args.no_progress and args.command != "generate", verify=not args.no_verify)
   base = dict(command=args.command, bundle=str(bundle_path), seed=args.seed, settings=pipe.settings())
-  out = pathlib.Path(args.out)
+  out = paths_lib.as_path(args.out)
   if args.command == "generate":
     return _generate(args, pipe, inputs["prompts"], bundle_path, base)
   if args.command == "variations":

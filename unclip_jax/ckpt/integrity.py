@@ -17,6 +17,8 @@ from typing import Any, Iterator, Mapping
 
 from etils import epath
 
+from unclip_jax import paths
+
 RECORD_NAME = "integrity.json"
 FORMAT = "unclip_jax.integrity"
 VERSION = 1
@@ -72,8 +74,14 @@ def write_record(root, files: Mapping[str, Mapping[str, Any]] | None = None, **e
 
 
 def write_json_atomic(path, obj) -> None:
-  """Writes JSON to a temporary sibling, then renames it over `path` (readers see the old or the new file)."""
+  """Writes JSON to a temporary sibling, then renames it over `path` (readers see the old or the new file).
+
+  On object storage (no rename) the final object is written in one upload, which is atomic there.
+  """
   path = epath.Path(path)
+  if paths.is_remote(path):
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    return
   tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
   tmp.replace(path)

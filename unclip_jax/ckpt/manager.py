@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import unclip_jax
+from unclip_jax import paths
 from unclip_jax.ckpt import integrity
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,10 @@ class CheckpointManager:
   """
 
   def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = paths.as_path(directory, absolute=True)      # orbax wants absolute paths; gs:// as is
     names = ("state", "config", "meta", "data")
     options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save, create=True)
-    self._mngr = ocp.CheckpointManager(self.directory, item_names=names, options=options)
+    self._mngr = ocp.CheckpointManager(epath.Path(self.directory), item_names=names, options=options)
     self._keep = max_to_keep
     self._async = async_save
     self._unrecorded: list[int] = []         # steps saved here whose integrity record is not written yet
@@ -255,7 +256,10 @@ class CheckpointManager:
                                 + "; ".join(problems))
 
   def _move_aside(self, step: int) -> epath.Path:
-    """Renames `<directory>/<step>` to `<directory>/damaged/<step>.<UTC time>` (process 0); orbax stops listing it."""
+    """Renames `<directory>/<step>` to `<directory>/damaged/<step>.<UTC time>` (process 0); orbax stops listing it.
+
+    On object storage (no rename) the step is copied there and then deleted.
+    """
     now = int(time.time())
     if jax.process_count() > 1:              # one name on every process: process 0's clock
       from jax.experimental import multihost_utils
@@ -269,7 +273,7 @@ class CheckpointManager:
     _sync(f"unclip_jax:move_aside_named:{step}")      # every process has chosen `dest` before it exists
     if jax.process_index() == 0:
       dest.parent.mkdir(parents=True, exist_ok=True)
-      self.step_dir(step).rename(dest)
+      paths.move_tree(self.step_dir(step), dest)
     _sync(f"unclip_jax:move_aside_done:{step}")
     self._mngr.reload()
     return dest
@@ -308,7 +312,7 @@ def restore_params(directory, *, step: int | None = None, which: str = "ema_para
   """
   if which not in ("ema_params", "params"):
     raise ValueError(f"which must be 'ema_params' or 'params', got {which!r}")
-  directory = pathlib.Path(directory).absolute()          # orbax wants absolute paths
+  directory = paths.as_path(directory, absolute=True)     # orbax wants absolute paths; gs:// as is
   if (directory / "checkpoints").is_dir():
     directory = directory / "checkpoints"
   if not directory.is_dir():
@@ -324,7 +328,7 @@ def restore_params(directory, *, step: int | None = None, which: str = "ema_para
     meta, config = items["meta"], items["config"]
     _check_schema(meta, f"{directory}/{step}")
     path = directory / str(step) / "state"
-    raw = ocp.PyTreeCheckpointer().restore(path, restore_args=None)
+    raw = ocp.PyTreeCheckpointer().restore(epath.Path(path), restore_args=None)
   finally:
     mngr.close()
   if which not in raw:
@@ -342,5 +346,5 @@ def abstract_with_shardings(tree, shardings=None):
 
 def describe(directory) -> str:
   """A one-line summary of the checkpoints in `directory` (for logs)."""
-  steps = sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit())
+  steps = sorted(int(p.name) for p in paths.as_path(directory).iterdir() if p.name.isdigit())
   return json.dumps({"directory": str(directory), "steps": steps})

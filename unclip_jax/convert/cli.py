@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections as mlc
 import numpy as np
 
-from unclip_jax import bundle, config_lib
+from unclip_jax import bundle, config_lib, paths
 from unclip_jax.convert import clip as convert_clip, prior as convert_prior, unet as convert_unet
 from unclip_jax.convert import torch_layout as tl
 from unclip_jax.stages import builders
@@ -134,7 +134,7 @@ def _clip_stage(clip_cfg, base: str = "clip.py:vit_l14") -> mlc.ConfigDict:
 
 # ---- readers ----------------------------------------------------------------------------------------------------
 def _need_dir(path, what: str) -> pathlib.Path:
-  path = pathlib.Path(path)
+  path = paths.as_path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"{what} not found: {path}")
   return path
@@ -269,7 +269,7 @@ def _check_consistent(cfgs: Mapping[str, mlc.ConfigDict]) -> None:
 def _write_bundle(out, items, source: str, dtype: str | None) -> None:
   for name, cfg, params in items:
     bundle.save_component(out, name, cfg, params, dtype=dtype)
-  old = bundle.read_manifest_or_none(pathlib.Path(out)) or {}
+  old = bundle.read_manifest_or_none(paths.as_path(out)) or {}
   previous = old.get("source", "")
   bundle.write_manifest(out, source=source if not previous or previous == source else f"{previous}; {source}")
 
@@ -600,6 +600,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs one subcommand; prints the summary. Returns 0, or 1 after printing `error: ...` to stderr."""
   args = build_parser().parse_args(argv)
   try:
+    out = getattr(args, "out", None)
+    if out is not None and paths.is_remote(out):
+      if args.command in ("to-diffusers", "to-safetensors"):
+        raise ValueError(f"--out {out}: {args.command} writes local folders only; write locally, then copy")
+      paths.check_reachable(out, "--out", write=True)          # before any weights are read
     reports = args.func(args)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)

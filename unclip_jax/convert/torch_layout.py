@@ -160,7 +160,20 @@ def params_to_state(params: Params, expected, layout: Layout) -> dict[str, np.nd
 
 # ---- files ----------------------------------------------------------------------------------------------------
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """All tensors of a safetensors file as numpy."""
+  """All tensors of a safetensors file as numpy (a `gs://` file is read in one download)."""
+  from unclip_jax import paths
+
+  if paths.is_remote(path):
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    p = paths.as_path(path)
+    if not p.is_file():
+      raise FileNotFoundError(f"safetensors file not found: {path}")
+    try:
+      return load(p.read_bytes())
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+      raise ValueError(f"cannot read safetensors file {path}: {e}") from e
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"safetensors file not found: {path}")

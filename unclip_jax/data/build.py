@@ -12,6 +12,7 @@ import argparse
 import pathlib
 import sys
 
+from unclip_jax import paths
 from unclip_jax.data import builders
 
 SOURCES = ("folder", "webdataset", "parquet")
@@ -37,6 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--source folder needs a directory, got {args.input}")
   if args.source != "parquet" and (args.image_column or args.caption_column):
     p.error("--image-column/--caption-column apply to --source parquet only")
+  if paths.is_remote(args.out):                  # fail before reading any input
+    try:
+      paths.check_reachable(args.out, "--out", write=True)
+    except paths.UnreachablePathError as e:
+      p.error(str(e))
   return args
 
 

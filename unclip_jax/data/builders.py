@@ -34,6 +34,8 @@ from etils import epath
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
+from unclip_jax import paths
+
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
@@ -311,15 +313,28 @@ class Embeddings(_FromExamples):
   name = "embeddings"
 
 
-def dataset_dir(out_dir: str | os.PathLike, builder: str, name: str) -> pathlib.Path:
-  """Directory a build writes (contains dataset_info.json): `<out_dir>/<builder>/<name>/<VERSION>`."""
-  return pathlib.Path(out_dir) / builder / name / VERSION
+def dataset_dir(out_dir: str | os.PathLike, builder: str, name: str):
+  """Directory a build writes (contains dataset_info.json): `<out_dir>/<builder>/<name>/<VERSION>` (a URL stays
+  one: `gs://...` gives an `epath.Path`)."""
+  return paths.as_path(out_dir) / builder / name / VERSION
 
 
-def _prepare(cls, out_dir, name, overwrite, **kwargs) -> pathlib.Path:
+def _prepare(cls, out_dir, name, overwrite, **kwargs):
+  """Builds into `out_dir`. A `gs://` out_dir is built in a local temporary folder (array_record writes local
+  files only) and then uploaded file by file; a failed build uploads nothing."""
   if not name or "/" in name or name != name.strip():
     raise ValueError(f"invalid dataset name {name!r}")
   target = dataset_dir(out_dir, cls.name, name)
+  if paths.is_remote(out_dir):
+    paths.check_reachable(out_dir, "dataset --out", write=True)
+    if target.exists():
+      if not overwrite:
+        raise FileExistsError(f"dataset already exists at {target} (pass overwrite=True / --overwrite)")
+      paths.remove_tree(target)
+    with tempfile.TemporaryDirectory() as local:
+      built = _prepare(cls, local, name, overwrite, **kwargs)
+      paths.copy_tree(built, target)
+    return target
   if target.exists():
     if not overwrite:
       raise FileExistsError(f"dataset already exists at {target} (pass overwrite=True / --overwrite)")

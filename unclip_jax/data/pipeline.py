@@ -24,10 +24,17 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from unclip_jax import paths
 
-def resolve_dataset_dir(path: str | os.PathLike) -> pathlib.Path:
-  """The directory holding dataset_info.json: `path` itself, or the single (newest-version) one below it."""
-  path = pathlib.Path(path)
+
+def resolve_dataset_dir(path: str | os.PathLike):
+  """The directory holding dataset_info.json: `path` itself, or the single (newest-version) one below it.
+
+  A `gs://` path stays a URL (an `epath.Path`); one that cannot be read raises UnreachablePathError naming it.
+  """
+  if paths.is_remote(path):
+    paths.check_reachable(path, "dataset directory")
+  path = paths.as_path(path)
   if (path / "dataset_info.json").is_file():
     return path
   found = sorted(p.parent for p in path.glob("**/dataset_info.json")) if path.is_dir() else []
@@ -71,7 +78,10 @@ def open_source(data_dirs: str | os.PathLike | Sequence[str | os.PathLike], spli
     raise ValueError("no dataset directory given")
   sources, features = [], {}
   for d in data_dirs:
-    builder = tfds.builder_from_directory(os.fspath(resolve_dataset_dir(d)))
+    found = resolve_dataset_dir(d)
+    if paths.is_remote(found):         # array_record reads local files only: a per-host copy, made once
+      found = paths.stage_locally(found, os.environ.get("UNCLIP_JAX_DATA_CACHE") or None)
+    builder = tfds.builder_from_directory(os.fspath(found))
     if split not in builder.info.splits:
       raise ValueError(f"{d}: no split {split!r}; has {list(builder.info.splits)}")
     sources.append(builder.as_data_source(split))

@@ -27,10 +27,10 @@ import numpy as np
 
 def load_clip(source: str | pathlib.Path) -> tuple[Any, Any]:
   """(CLIP module, params) from a training workdir, a bundle component folder or a transformers folder."""
-  from unclip_jax import config_lib
+  from unclip_jax import config_lib, paths
   from unclip_jax.stages import builders
 
-  path = pathlib.Path(source)
+  path = paths.as_path(source)          # a training workdir or bundle component may be gs://
   if not path.exists():
     raise FileNotFoundError(f"CLIP source {path} does not exist")
   if (path / "checkpoints").is_dir() or path.name == "checkpoints":

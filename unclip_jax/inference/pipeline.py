@@ -216,9 +216,9 @@ class UnCLIP:
   def from_bundle(cls, path: str | pathlib.Path, *, verify: bool = True, **kwargs) -> "UnCLIP":
     """Loads every component of a bundle folder (see `unclip_jax.bundle`), checked against the sha256 record in
     its bundle.json unless `verify=False`."""
-    from unclip_jax import bundle
+    from unclip_jax import bundle, paths
 
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     if not path.is_dir():
       raise FileNotFoundError(f"model bundle not found: {path}")
     present = bundle.list_components(path)

@@ -6,6 +6,7 @@ else — sharding, the optimiser, EMA, non-finite skipping, resuming, preemption
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import pathlib
 import signal
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from unclip_jax import paths
 from unclip_jax.ckpt.manager import CheckpointManager, abstract_with_shardings
 from unclip_jax.data.global_batch import to_global
 from unclip_jax.inference.images import image_grid
@@ -115,7 +117,9 @@ class MetricsWriter:
     grid = image_grid(images)
     path = self._workdir / "samples" / f"{name}_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    paths.write_bytes_atomic(path, buf.getvalue())         # one upload on gs://
     self._tb.add_image(name, grid, step, dataformats="HWC")
     self._tb.flush()
     log.info("step %d: wrote %s", step, path)
@@ -163,8 +167,9 @@ def train(cfg, workdir, task: Task, *, mesh=None, max_steps: int | None = None) 
 
   Checkpoints every `cfg.ckpt_every` steps, at the end, and on SIGTERM. Returns the final state.
   """
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = paths.check_reachable(workdir, "--workdir", write=True)   # before any compute; gs:// stays a URL
+  if jax.process_index() == 0 or not paths.is_remote(workdir):
+    workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or mesh_lib.make_mesh(dict(cfg.mesh))
   rules = tuple(tuple(r) for r in cfg.axis_rules)
   tx = optim.make_optimizer(cfg)
