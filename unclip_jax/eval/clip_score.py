@@ -43,7 +43,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from unclip_jax.eval import images as images_lib
+from unclip_jax.eval import features as features_lib, images as images_lib
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class CLIPScorer:
     out: list[np.ndarray] = []
     pending = None
     n_truncated = done = 0
-    for chunk in _chunks(pairs, self.batch_size):
+    for chunk in features_lib.chunks(pairs, self.batch_size):
       pixels = []
       for name, image, _ in chunk:
         try:
@@ -317,17 +317,6 @@ def _l2n(x):
   import jax.numpy as jnp
 
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
-
-
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-  chunk: list[Any] = []
-  for item in items:
-    chunk.append(item)
-    if len(chunk) == size:
-      yield chunk
-      chunk = []
-  if chunk:
-    yield chunk
 
 
 def summarize(raw: np.ndarray) -> dict[str, float]:

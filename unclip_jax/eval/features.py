@@ -89,7 +89,7 @@ class FeatureExtractor:
     pending = None  # (device result, n valid rows)
     done = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, self.num_workers)) as pool:
-      for batch in _chunks(images, self.batch_size):
+      for batch in chunks(images, self.batch_size):
         xs = list(pool.map(lambda item: _preprocess_named(self.preprocess, item), batch))
         n = len(xs)
         xs += [xs[0]] * (self.batch_size - n)
@@ -121,7 +121,8 @@ def _preprocess_named(fn, item):
     raise ValueError(f"cannot preprocess image {name}: {e}") from e
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+  """Consecutive lists of `size` items (the last one shorter)."""
   if size < 1:
     raise ValueError(f"batch size must be >= 1, got {size}")
   chunk: list[Any] = []

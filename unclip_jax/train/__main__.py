@@ -27,31 +27,6 @@ flags.DEFINE_integer("num_slices", 1, "with --compile_only: number of slices of 
 flags.mark_flags_as_required(["config", "workdir"])
 
 PREEMPTED_EXIT_CODE = 143     # 128 + SIGTERM, what an uncaught SIGTERM would have given
-_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _multihost_detected() -> bool:
-  if any("," in os.environ.get(name, "") or name == "JAX_COORDINATOR_ADDRESS" and os.environ.get(name)
-         for name in _MULTIHOST_ENV):
-    return True
-  return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-
-
-def initialize_distributed() -> None:
-  """jax.distributed.initialize(): cluster auto-detection (TPU pods, SLURM, Open MPI), or the explicit
-  JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID (+ JAX_LOCAL_DEVICE_IDS) that launch/gpu.sh sets."""
-  import jax
-
-  kwargs = {}
-  if os.environ.get("JAX_NUM_PROCESSES") and os.environ.get("JAX_PROCESS_ID"):
-    kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
-  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # cross-process collectives on CPU
-  jax.distributed.initialize(**kwargs)
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
-
-
 def main(argv):
   del argv
   if flags.FLAGS.compile_only:
@@ -61,8 +36,9 @@ def main(argv):
   import jax  # after flag parsing: jax.distributed must come before any other JAX call
 
   logging.getLogger().setLevel(logging.INFO)
-  if flags.FLAGS.distributed == "on" or (flags.FLAGS.distributed == "auto" and _multihost_detected()):
-    initialize_distributed()
+  from unclip_jax import distributed
+
+  distributed.maybe_initialize(flags.FLAGS.distributed)
   from unclip_jax import compilation_cache
 
   compilation_cache.enable(compilation_cache.resolve(flags.FLAGS.compilation_cache))
