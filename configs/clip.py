@@ -8,7 +8,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "vit_b32", "vit_l14", "shapes")
+VARIANTS = ("tiny", "vit_b32", "vit_l14", "shapes", "shapes2")
 
 
 def get_config(arg: str = ""):
@@ -39,6 +39,18 @@ def get_config(arg: str = ""):
     c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.05, ema_decay=0.99)
     c.eval_every, c.eval_examples = 500, 64
     c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
+  if variant == "shapes2":
+    # Two-object shapes (unclip_jax.shapes.pairs, the attribute-binding study): captions up to 17 tokens, and an
+    # image tower deep enough to bind colour to shape per object (the negatives differ only in that binding).
+    c.model.projection_dim = 64
+    c.model.text.update(width=64, layers=3, heads=4, mlp_dim=256, context_length=24)
+    c.model.vision.update(image_size=32, patch_size=4, width=96, layers=4, heads=4, mlp_dim=384)
+    c.batch_size = 128
+    c.num_train_steps = 3000
+    c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.05, ema_decay=0.99)
+    c.eval_every, c.eval_examples = 1000, 64
+    c.log_every, c.ckpt_every = 100, 500
     c.dtype = "float32"
   if variant == "tiny":
     c.model.projection_dim = 32

@@ -13,7 +13,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo", "glide", "shapes")
+VARIANTS = ("tiny", "karlo", "glide", "shapes", "shapes2", "shapes2_text")
 
 
 def get_config(arg: str = ""):
@@ -45,6 +45,9 @@ def get_config(arg: str = ""):
   # What dropped text (training) and the uncond branch (sampling) see: "zeros" (zero embedding/tokens, all tokens
   # masked) or "empty_prompt" (the CLIP encoding of "", as Karlo and diffusers' UnCLIPPipeline).
   c.null_text = "zeros"
+  # False: a GLIDE-style text-only decoder. The CLIP image embedding is never seen: every row, in training and in
+  # both guidance halves, gets text_proj's learned null image embedding, so only the CLIP text conditions the UNet.
+  c.image_conditioning = True
   if variant == "glide":
     # GLIDE base trunk (Nichol et al. 2021); the text comes from GlideTextEncoder (xf_width 512), no text_proj.
     c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512, text_encoder="glide")
@@ -68,6 +71,24 @@ def get_config(arg: str = ""):
     c.optim.update(lr=7e-4, warmup_steps=200, ema_decay=0.999)
     c.eval_every, c.eval_examples = 2000, 16
     c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
+  if variant in ("shapes2", "shapes2_text"):
+    # Two-object shapes (unclip_jax.shapes.pairs): objects of 20-40 % of the side are 4.8-9.6 px at 24², the sizes
+    # the single-object model draws right at 16², so the decoder runs at 24² and the upsampler takes it to 96².
+    # "shapes2_text" is the same UNet as a GLIDE-style text-only decoder (image_conditioning False), the control of
+    # the binding study (unCLIP paper §7).
+    c.model.update(image_size=24, block_out_channels=(32, 64, 96), layers_per_block=1,
+                   attention_levels=(False, True, True), head_dim=32, cross_attention_dim=64,
+                   clip_embedding_dim=64, norm_num_groups=8, dropout=0.0)
+    c.diffusion.prediction = "v"
+    c.diffusion.loss_weighting = "min_snr"
+    c.sampling.update(steps="25", guidance_scale=3.0)
+    c.image_conditioning = variant == "shapes2"
+    c.batch_size = 32
+    c.num_train_steps = 6000
+    c.optim.update(lr=7e-4, warmup_steps=200, ema_decay=0.999)
+    c.eval_every, c.eval_examples = 2000, 16
+    c.log_every, c.ckpt_every = 100, 500
     c.dtype = "float32"
   if variant == "tiny":
     c.model.update(image_size=16, block_out_channels=(16, 32, 48), layers_per_block=2,

@@ -6,7 +6,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo", "shapes")
+VARIANTS = ("tiny", "karlo", "shapes", "shapes2")
 
 
 def get_config(arg: str = ""):
@@ -42,6 +42,17 @@ def get_config(arg: str = ""):
     c.optim.update(lr=5e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999)
     c.eval_every, c.eval_examples = 1000, 64
     c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
+  if variant == "shapes2":
+    # Two-object shapes (unclip_jax.shapes.pairs): 24 text tokens (configs/clip.py:shapes2).
+    c.model.update(embedding_dim=64, num_embeddings=24, num_layers=6, num_heads=4, head_dim=32)
+    c.sampling.guidance_scale = 2.0
+    c.batch_size = 128
+    c.num_train_steps = 3000
+    c.stats_examples = 4096
+    c.optim.update(lr=5e-4, warmup_steps=200, weight_decay=0.01, ema_decay=0.999)
+    c.eval_every, c.eval_examples = 1000, 64
+    c.log_every, c.ckpt_every = 100, 500
     c.dtype = "float32"
   if variant == "tiny":
     c.model.update(embedding_dim=32, num_embeddings=16, num_layers=2, num_heads=2, head_dim=12)

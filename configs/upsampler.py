@@ -8,7 +8,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo_64_256", "paper_256_1024", "shapes")
+VARIANTS = ("tiny", "karlo_64_256", "paper_256_1024", "shapes", "shapes2")
 
 
 def get_config(arg: str = ""):
@@ -50,6 +50,21 @@ def get_config(arg: str = ""):
     c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
     c.eval_every, c.eval_examples = 1000, 16
     c.log_every, c.ckpt_every = 100, 1000
+    c.dtype = "float32"
+  if variant == "shapes2":
+    # Two-object shapes (unclip_jax.shapes.pairs, drawn at 96²): 24² (configs/decoder.py:shapes2) -> 96², trained
+    # on 32² crops (8² low-res).
+    c.model.update(low_res_size=24, image_size=96, block_out_channels=(32, 64), attention_levels=(False, False),
+                   layers_per_block=1, norm_num_groups=8)
+    c.diffusion.prediction = "v"
+    c.sampling.update(steps="7")
+    c.crop_fraction = 1 / 3
+    c.last_step_model = False
+    c.batch_size = 16
+    c.num_train_steps = 3000
+    c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
+    c.eval_every, c.eval_examples = 1000, 16
+    c.log_every, c.ckpt_every = 100, 500
     c.dtype = "float32"
   if variant == "tiny":
     c.model.update(low_res_size=16, image_size=32, block_out_channels=(16, 32, 48),

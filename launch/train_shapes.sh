@@ -22,18 +22,7 @@ py="${UNCLIP_VENV:-$root/.venv}/bin/python"
 export PYTHONUNBUFFERED=1 UNCLIP_JAX_CACHE="${UNCLIP_JAX_CACHE:-$root/.jax_cache}"
 mkdir -p "$out"
 cd "$root"
-times="$out/times.json"; [[ -f "$times" ]] || echo "{}" > "$times"
-step() {   # step NAME COMMAND...: runs once (skipped when OUT/.done.NAME exists), logs to OUT/NAME.log, times it
-  local name="$1"; shift
-  if [[ -f "$out/.done.$name" ]]; then echo "[$name] done before, skipping"; return; fi
-  echo "[$name] $*"
-  local start; start=$(date +%s)
-  "$@" > "$out/$name.log" 2>&1 || { echo "[$name] failed; see $out/$name.log" >&2; tail -n 30 "$out/$name.log" >&2; exit 1; }
-  local secs=$(( $(date +%s) - start ))
-  "$py" -c "import json,sys; p=sys.argv[1]; d=json.load(open(p)); d[sys.argv[2]]=int(sys.argv[3]); json.dump(d, open(p,'w'), indent=1)" "$times" "$name" "$secs"
-  touch "$out/.done.$name"
-  echo "[$name] ${secs}s"
-}
+source "$root/launch/steps.sh"
 data="$out/data"
 full="$data/image_text/full/1.0.0"; train="$data/image_text/train/1.0.0"; emb="$data/embeddings/train_clip/1.0.0"
 step data bash -c "'$py' -m unclip_jax.shapes.data --out '$data' --n $n --size 64 --name full --seed 0 --overwrite && \

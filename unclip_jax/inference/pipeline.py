@@ -278,13 +278,14 @@ class UnCLIP:
                                 diffusion=dec_diffusion, steps=dc.sampling.steps, settings=dec_settings,
                                 null_text=null, inpaint_image=inpaint_image, inpaint_mask=inpaint_mask,
                                 inpaint_method=dc.sampling.inpaint_method,
-                                resample_jumps=int(dc.sampling.resample_jumps), progress=dec_bar)
+                                resample_jumps=int(dc.sampling.resample_jumps),
+                                image_conditioning=bool(dc.image_conditioning), progress=dec_bar)
     self._decoder = jax.jit(decoder_fn)
 
     def invert_fn(params, cond, x0):
       kwargs = decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
                                         text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask,
-                                        guidance=False)
+                                        guidance=False, image_conditioning=bool(dc.image_conditioning))
       model_fn = decoder_stage.model_fn_for(self.unet, params["unet"], kwargs)
       return samplers.ddim_invert(model_fn, x0, diffusion=dec_diffusion, steps=dc.sampling.steps)
     self._invert = jax.jit(invert_fn)

@@ -52,14 +52,14 @@ def parse_holdout(text: str | Sequence[str] | None) -> list[tuple[str, str]]:
   return sorted(set(pairs))
 
 
-def _with_article(word: str) -> str:
+def with_article(word: str) -> str:
   return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def caption(colour: str, shape: str, background: str, template: int = 0) -> str:
   """e.g. "a red circle on a white background", "an orange square on a blue background"."""
-  return TEMPLATES[template].format(c=colour, s=shape, b=background, a_c=_with_article(colour),
-                                    a_b=_with_article(background))
+  return TEMPLATES[template].format(c=colour, s=shape, b=background, a_c=with_article(colour),
+                                    a_b=with_article(background))
 
 
 def polygon(shape: str, size: float, angle_deg: float) -> np.ndarray:
@@ -86,27 +86,45 @@ def sample_labels(rng: np.random.Generator, holdout: Sequence[tuple[str, str]]) 
   return c, s, b + (b >= c)
 
 
+def extent(shape: str, size: float, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
+  """Bounding box (lo [2], hi [2]) of a shape centred on the origin, in pixels (x, y)."""
+  if shape == "circle":
+    return np.array([-size / 2] * 2), np.array([size / 2] * 2)
+  pts = polygon(shape, size, angle_deg)
+  return pts.min(0), pts.max(0)
+
+
+def render(objects: Sequence[tuple[str, str, float, float, float, float]], background: str,
+           image_size: int) -> Image.Image:
+  """Filled shapes on a plain background -> PIL RGB [size, size]; objects = (shape, colour, cx, cy, size, angle)
+  in pixels, drawn in order at SUPERSAMPLE× and box-downsampled (antialiased edges, exact interior RGB)."""
+  k = SUPERSAMPLE
+  big = Image.new("RGB", (image_size * k, image_size * k), COLOURS[background])
+  d = ImageDraw.Draw(big)
+  for shape, colour, cx, cy, size, angle in objects:
+    fill = COLOURS[colour]
+    if shape == "circle":
+      d.ellipse([(cx - size / 2) * k, (cy - size / 2) * k, (cx + size / 2) * k - 1, (cy + size / 2) * k - 1],
+                fill=fill)
+    else:
+      d.polygon([((x + cx) * k, (y + cy) * k) for x, y in polygon(shape, size, angle)], fill=fill)
+  return big.resize((image_size, image_size), resample=Image.Resampling.BOX)
+
+
+def random_angle(shape: str, rng: np.random.Generator) -> float:
+  """0 for circles, else uniform in ±MAX_ROTATION degrees."""
+  return 0.0 if shape == "circle" else float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+
+
 def draw(colour: int, shape: int, background: int, image_size: int, rng: np.random.Generator):
   """-> (PIL RGB image [size, size], geometry float32 [cx, cy, size, angle]) in pixel units."""
   size = rng.uniform(MIN_FRAC, MAX_FRAC) * image_size
   name = SHAPES[shape]
-  angle = 0.0 if name == "circle" else float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
-  if name == "circle":
-    lo, hi = np.array([-size / 2] * 2), np.array([size / 2] * 2)
-  else:
-    pts = polygon(name, size, angle)
-    lo, hi = pts.min(0), pts.max(0)
+  angle = random_angle(name, rng)
+  lo, hi = extent(name, size, angle)
   cx = rng.uniform(-lo[0], image_size - hi[0])
   cy = rng.uniform(-lo[1], image_size - hi[1])
-  k = SUPERSAMPLE
-  big = Image.new("RGB", (image_size * k, image_size * k), COLOURS[COLOUR_NAMES[background]])
-  fill = COLOURS[COLOUR_NAMES[colour]]
-  d = ImageDraw.Draw(big)
-  if name == "circle":
-    d.ellipse([(cx - size / 2) * k, (cy - size / 2) * k, (cx + size / 2) * k - 1, (cy + size / 2) * k - 1], fill=fill)
-  else:
-    d.polygon([((x + cx) * k, (y + cy) * k) for x, y in pts], fill=fill)
-  image = big.resize((image_size, image_size), resample=Image.Resampling.BOX)
+  image = render([(name, COLOUR_NAMES[colour], cx, cy, size, angle)], COLOUR_NAMES[background], image_size)
   return image, np.array([cx, cy, size, angle], np.float32)
 
 

@@ -124,7 +124,7 @@ def check_cond(text_proj: UnCLIPTextProj, cond: DecoderCond) -> tuple[int, int]:
 
 def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_emb: jax.Array, text_emb: jax.Array,
                  text_enc: jax.Array, text_mask: jax.Array, guidance: bool,
-                 null_text: TextCond | None = None) -> dict[str, jax.Array]:
+                 null_text: TextCond | None = None, image_conditioning: bool = True) -> dict[str, jax.Array]:
   """UNet keyword arguments for the decoder, [uncond; cond] (2B rows) when `guidance`.
 
   Args:
@@ -132,6 +132,8 @@ def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_e
     guidance: build the doubled batch; the uncond image embedding is text_proj's learned CFG embedding.
     null_text: the uncond text (emb [E] or [B, E], enc [L, E] or [B, L, E], mask [L] or [B, L]); None = zeros
       with an all-False mask, the null that decoder training drops text to.
+    image_conditioning: False for a text-only decoder (`cfg.image_conditioning`): the cond rows get the learned CFG
+      image embedding too, so `image_emb` is ignored.
   Returns:
     dict(encoder_hidden_states [B', 4+L, Dc], class_labels [B', Temb], attention_mask [B', 4+L] bool).
   """
@@ -144,9 +146,10 @@ def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_e
     emb = jnp.concatenate([null.emb.astype(emb.dtype), emb])
     enc = jnp.concatenate([null.enc.astype(enc.dtype), enc])
     mask = jnp.concatenate([null.mask, mask])
+  drop_image = None if image_conditioning else jnp.ones((b,), bool)
   return text_proj.apply({"params": params_text_proj}, image_embeddings=image_emb, prompt_embeds=emb,
                          text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=guidance,
-                         method=UnCLIPTextProj.conditioning)
+                         drop_image=drop_image, method=UnCLIPTextProj.conditioning)
 
 
 # ---- inpainting inputs -------------------------------------------------------------------------------------------
@@ -196,7 +199,8 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
            steps: str | int = "25", settings: samplers.SamplerSettings = DEFAULT_SETTINGS,
            null_text: TextCond | None = None, inpaint_image: jax.Array | None = None,
            inpaint_mask: jax.Array | None = None, inpaint_method: str = "auto", resample_jumps: int = 1,
-           progress: Callable[[Any], None] | None = None, sharding=None) -> jax.Array:
+           image_conditioning: bool = True, progress: Callable[[Any], None] | None = None,
+           sharding=None) -> jax.Array:
   """Samples 64² images (traceable; jit the caller, or use `make_sampler`).
 
   Args:
@@ -210,6 +214,7 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     null_text: uncond text for `DecoderCond` (default zeros, see `decoder_cond`).
     inpaint_image: [B, H, W, 3] in [-1, 1]; inpaint_mask: [B, H, W, 1] or [B, H, W], 1 = known pixel.
     inpaint_method: one of INPAINT_METHODS (see the module docstring); resample_jumps: RePaint's r >= 1.
+    image_conditioning: False for a text-only decoder (the `DecoderCond`'s image_emb is ignored).
     progress, sharding: as in `samplers.sample`.
   Returns:
     [B, H, W, 3] float32 images in [-1, 1].
@@ -229,7 +234,8 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     if cond.image_emb.shape[0] != b:
       raise ValueError(f"conditioning has {cond.image_emb.shape[0]} rows but x_T has batch {b}")
     kwargs = decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
-                          text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=guidance, null_text=null_text)
+                          text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=guidance, null_text=null_text,
+                          image_conditioning=image_conditioning)
   elif isinstance(cond, Mapping):
     kwargs = dict(cond)
     rows = 2 * b if guidance else b
@@ -278,23 +284,24 @@ def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
     return sample(params, cond, x_T, rng, unet=unet, text_proj=text_proj, diffusion=diffusion,
                   steps=cfg.sampling.steps, settings=settings, null_text=null_text, inpaint_image=inpaint_image,
                   inpaint_mask=inpaint_mask, inpaint_method=inpaint_method, resample_jumps=resample_jumps,
-                  progress=progress, sharding=sharding)
+                  image_conditioning=bool(cfg.image_conditioning), progress=progress, sharding=sharding)
   return jax.jit(run)
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
 def loss_fn(params, batch, rng, *, unet, text_proj, diffusion: GaussianDiffusion, clip_drop_prob: float,
-            text_drop_prob: float):
+            text_drop_prob: float, image_conditioning: bool = True):
   """Decoder loss: hybrid (ε-MSE + λ·VLB) on images x0 [B, H, W, 3], conditioned through the text projection.
 
   The CLIP image embedding is replaced by the learned CFG embedding with prob `clip_drop_prob`; the text (token
   states, pooled embedding and mask) by zeros / an all-False mask with prob `text_drop_prob`, the null the
-  sampler's unconditional branch uses.
+  sampler's unconditional branch uses. image_conditioning False (a text-only decoder): every image embedding is
+  replaced (batch["image_emb"] is never seen).
   """
   x0 = batch["image"]
   b = x0.shape[0]
   t_rng, noise_rng, clip_rng, text_rng, dropout_rng = jax.random.split(rng, 5)
-  drop_image = jax.random.bernoulli(clip_rng, clip_drop_prob, (b,))
+  drop_image = jax.random.bernoulli(clip_rng, clip_drop_prob if image_conditioning else 1.0, (b,))
   drop_text = jax.random.bernoulli(text_rng, text_drop_prob, (b,))
   null = common.zeros_null_text(b, batch["text_enc"].shape[1], batch["text_emb"].shape[1])   # the sampler's uncond text
   pick = lambda n, x: jnp.where(drop_text.reshape((b,) + (1,) * (x.ndim - 1)), n.astype(x.dtype), x)
@@ -338,6 +345,7 @@ def make_task(cfg, *, data: Iterator[dict] | None = None, eval_data: Iterator[di
               "sample_mse": jnp.mean((images - held["image"]) ** 2)}
 
   loss = functools.partial(loss_fn, unet=models.unet, text_proj=models.text_proj, diffusion=models.diffusion,
-                           clip_drop_prob=cfg.clip_drop_prob, text_drop_prob=cfg.text_drop_prob)
+                           clip_drop_prob=cfg.clip_drop_prob, text_drop_prob=cfg.text_drop_prob,
+                           image_conditioning=bool(cfg.image_conditioning))
   return Task(init_params=lambda rng: init_params(models, rng), loss_fn=loss,
               data=common.MappedIterator(data, lambda b: common.select(b, keys)), evaluate=evaluate)

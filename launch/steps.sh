@@ -1,0 +1,17 @@
+# Sourced by the launch/train_*.sh recipes: `step NAME COMMAND...` runs COMMAND once (skipped when
+# $out/.done.NAME exists), logs it to $out/NAME.log and records its seconds in $out/times.json.
+# Needs $out and $py. A step that is stopped part-way reruns on the next call (its log appended to); the trainer
+# resumes from its checkpoints, so a recipe can be stopped and continued at any point. times.json holds the seconds
+# of the call that finished the step.
+times="$out/times.json"; [[ -f "$times" ]] || echo "{}" > "$times"
+step() {   # step NAME COMMAND...: runs once (skipped when OUT/.done.NAME exists), logs to OUT/NAME.log, times it
+  local name="$1"; shift
+  if [[ -f "$out/.done.$name" ]]; then echo "[$name] done before, skipping"; return; fi
+  echo "[$name] $*"
+  local start; start=$(date +%s)
+  "$@" >> "$out/$name.log" 2>&1 || { echo "[$name] failed; see $out/$name.log" >&2; tail -n 30 "$out/$name.log" >&2; exit 1; }
+  local secs=$(( $(date +%s) - start ))
+  "$py" -c "import json,sys; p=sys.argv[1]; d=json.load(open(p)); d[sys.argv[2]]=int(sys.argv[3]); json.dump(d, open(p,'w'), indent=1)" "$times" "$name" "$secs"
+  touch "$out/.done.$name"
+  echo "[$name] ${secs}s"
+}
