@@ -171,6 +171,7 @@ def test_coco_errors_before_any_compute(tmp_path, capsys, monkeypatch):
   assert "--n must be >= 2" in err(*base[:6], "1", *base[7:])
   assert "--clip" in err(*base, "--clip", str(tmp_path))
   assert "use --protocol clean" in err(*base, "--protocol", "pytorch-fid")
+  assert "--fid-clip is the CLIP of --features clip" in err(*base[:-2], "--fid-clip", str(tmp_path))
   monkeypatch.delenv("UNCLIP_JAX_INCEPTION_WEIGHTS", raising=False)
   assert "--inception-weights is required" in err(*base[:-2])
   assert "not found" in err(*base[:-2], "--inception-weights", str(tmp_path / "pt_inception.pth"))

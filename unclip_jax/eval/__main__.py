@@ -14,8 +14,15 @@
     python -m unclip_jax.eval clip-score --images samples/ [--captions captions.jsonl] \\
         [--clip clip-vit-base-patch16/] [--batch-size 64] [--json report.json]
 
-Each prints one JSON line ({"metric": "fid" | "clip_score", ...}). Subcommands live in `SUBCOMMANDS`
-(name -> (add_arguments, run)).
+  coco   the MS-COCO protocol end to end (see eval/coco.py): COCO captions -> resumable batch sampling into
+         OUT/samples -> FID against the val images of the chosen ids (statistics cached in OUT) + CLIP score:
+
+    python -m unclip_jax.eval coco --captions captions_val2014.json --images val2014/ --n 30000 --seed 0 \\
+        --out runs/coco30k [--bundle B] [--inception-weights pt_inception-2015-12-05-6726825d.pth | --features clip] \\
+        [--clip CLIP] [--protocol clean|pytorch-fid] [--reference ids|all] [sampling flags of the sample CLI]
+
+Each prints one JSON line ({"metric": "fid" | "clip_score" | "coco", ...}; coco also writes OUT/report.json).
+Subcommands live in `SUBCOMMANDS` (name -> (add_arguments, run)).
 """
 from __future__ import annotations
 
@@ -327,6 +334,8 @@ def run_coco(args: argparse.Namespace) -> dict:
       raise CLIError(f"--{name.replace('_', '-')} must be >= {2 if name == 'n' else 1}, got {value}")
   if args.features == "clip" and args.protocol != "clean":
     raise CLIError("--features clip uses CLIP's own preprocessing; use --protocol clean")
+  if args.fid_clip and args.features != "clip":
+    raise CLIError("--fid-clip is the CLIP of --features clip; with --features inception use --inception-weights")
   if args.features == "inception" and not args.inception_weights:
     raise CLIError("--inception-weights is required for --features inception (pytorch-fid's "
                    f"{inception_weights.FID_WEIGHTS_NAME}; it is not downloaded), or use --features clip")
