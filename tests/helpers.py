@@ -293,3 +293,68 @@ def two_process_train(workdir, data_dir, *overrides, timeout=600):
   assert out.returncode == 0, out.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
   return logs
 
+
+# ---- FID Inception weights and a COCO-like dataset ---------------------------------------------------------------
+def synthetic_inception_state_dict(seed: int = 0) -> dict:
+  """A random torch state dict in pytorch-fid's layout, built from the converter's expected keys and shapes
+  (He-scaled convs, non-trivial BatchNorm): for the tests that need weights but not the reference package."""
+  import torch
+
+  from unclip_jax.convert import inception as inception_weights
+
+  g = torch.Generator().manual_seed(seed)
+  sd = {}
+  for (col, *path), shape in inception_weights.expected_variable_shapes().items():
+    key = inception_weights._torch_key((col, *path))
+    leaf = path[-1]
+    if leaf == "kernel" and len(shape) == 4:  # [kh, kw, I, O] -> [O, I, kh, kw]
+      kh, kw, i, o = shape
+      sd[key] = torch.randn((o, i, kh, kw), generator=g) * (2.0 / (kh * kw * i)) ** 0.5
+    elif leaf == "kernel":  # fc [2048, 1008] -> [1008, 2048]
+      sd[key] = torch.randn(shape[::-1], generator=g) * 0.02
+    elif leaf == "scale":
+      sd[key] = torch.empty(shape).uniform_(0.5, 1.5, generator=g)
+    elif leaf == "var":
+      sd[key] = torch.empty(shape).uniform_(0.5, 2.0, generator=g)
+    else:  # bias, mean
+      sd[key] = 0.1 * torch.randn(shape, generator=g)
+    if leaf == "var":
+      sd[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+  return sd
+
+
+def write_coco_like(root, n: int, *, size: int = 64, pad: int = 8, first_id: int = 42, id_step: int = 7) -> dict:
+  """A tiny MS-COCO val2014 look-alike drawn by the shapes renderer, under `root`:
+
+    val2014/COCO_val2014_<id:012d>.jpg   image k (`shapes.folder.write_real_folder`, size²) centred on a
+                                         [size, size + 2·pad] canvas of its background colour (JPEG, quality 95), so
+                                         a centre crop to size² gives the square back (up to JPEG rounding)
+    squares/NNNN.png + NNNN.json         the size² originals and their prompts
+    captions_val2014.json                COCO's layout: "images" (id, file_name, width, height) and "annotations"
+                                         (two shapes captions per image: its prompt and template 0 of its labels)
+  Returns dict(captions=path, images=folder, squares=folder, ids=[id of image k], prompts=[prompt of image k]).
+  """
+  from PIL import Image
+
+  from unclip_jax.shapes import data as shapes
+  from unclip_jax.shapes.folder import write_real_folder
+
+  root = pathlib.Path(root)
+  prompts = write_real_folder(root / "squares", n, size=size)
+  images = root / "val2014"
+  images.mkdir(parents=True, exist_ok=True)
+  ids = [first_id + id_step * k for k in range(n)]
+  table, annotations = [], []
+  for k, image_id in enumerate(ids):
+    meta = json.loads((root / "squares" / f"{k:04d}.json").read_text())
+    canvas = Image.new("RGB", (size + 2 * pad, size), shapes.COLOURS[meta["background"]])
+    canvas.paste(Image.open(root / "squares" / f"{k:04d}.png").convert("RGB"), (pad, 0))
+    name = f"COCO_val2014_{image_id:012d}.jpg"
+    canvas.save(images / name, quality=95)
+    table.append({"id": image_id, "file_name": name, "width": size + 2 * pad, "height": size})
+    for caption in (prompts[k], shapes.caption(meta["colour"], meta["shape"], meta["background"], 0)):
+      annotations.append({"image_id": image_id, "id": len(annotations) + 1, "caption": caption})
+  captions = root / "captions_val2014.json"
+  captions.write_text(json.dumps({"info": {"description": "shapes as COCO"}, "images": table,
+                                  "annotations": annotations}))
+  return dict(captions=str(captions), images=str(images), squares=str(root / "squares"), ids=ids, prompts=prompts)

@@ -35,6 +35,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
+from helpers import synthetic_inception_state_dict  # noqa: E402
 from unclip_jax.eval import fid as fid_lib  # noqa: E402
 from unclip_jax.eval import images as images_lib  # noqa: E402
 from unclip_jax.convert import inception as inception_weights
@@ -115,33 +116,9 @@ def weights_file(reference, tmp_path_factory):
   return str(path)
 
 
-def _synthetic_state_dict(seed: int = 0) -> dict:
-  """A random torch state dict in pytorch-fid's layout, built from the converter's expected keys and shapes
-  (He-scaled convs, non-trivial BatchNorm): for the tests that need weights but not the reference package."""
-  g = torch.Generator().manual_seed(seed)
-  sd = {}
-  for (col, *path), shape in inception_weights.expected_variable_shapes().items():
-    key = inception_weights._torch_key((col, *path))
-    leaf = path[-1]
-    if leaf == "kernel" and len(shape) == 4:  # [kh, kw, I, O] -> [O, I, kh, kw]
-      kh, kw, i, o = shape
-      sd[key] = torch.randn((o, i, kh, kw), generator=g) * (2.0 / (kh * kw * i)) ** 0.5
-    elif leaf == "kernel":  # fc [2048, 1008] -> [1008, 2048]
-      sd[key] = torch.randn(shape[::-1], generator=g) * 0.02
-    elif leaf == "scale":
-      sd[key] = torch.empty(shape).uniform_(0.5, 1.5, generator=g)
-    elif leaf == "var":
-      sd[key] = torch.empty(shape).uniform_(0.5, 2.0, generator=g)
-    else:  # bias, mean
-      sd[key] = 0.1 * torch.randn(shape, generator=g)
-    if leaf == "var":
-      sd[key.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
-  return sd
-
-
 @pytest.fixture(scope="module")
 def synthetic_state_dict():
-  return _synthetic_state_dict()
+  return synthetic_inception_state_dict()
 
 
 @pytest.fixture(scope="module")
