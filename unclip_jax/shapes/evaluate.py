@@ -232,27 +232,49 @@ def train_classifier(data_dir, *, config: ClassifierConfig | None = None, seed: 
                      noise_std: float = 0.06, log=None) -> Classifier:
   """Trains the attribute classifier on real images of a shapes dataset; deterministic given `seed`.
 
+  `fit_classifier` on the first `n_train` examples; `info` gets the per-head validation accuracy on the held-out
+  validation split (the dataset's last examples), sizes, settings and training seconds.
+  """
+  for name, v in (("n_train", n_train), ("n_val", n_val)):
+    if int(v) < 1:
+      raise ValueError(f"{name} must be >= 1, got {v}")
+  t0 = time.perf_counter()
+  train_idx, val_idx = split_indices(dataset_size(data_dir), n_train, n_val)
+  train_images, train_labels, _ = load_real(data_dir, train_idx)
+  val_images, val_labels, _ = load_real(data_dir, val_idx)
+  t_data = time.perf_counter() - t0
+  clf = fit_classifier(train_images, train_labels, config=config, seed=seed, steps=steps, batch_size=batch_size,
+                       lr=lr, noise_std=noise_std, log=log)
+  val = accuracy_per_head(clf.predict(val_images), val_labels)
+  clf.info.update(val_accuracy=val, n_val=int(len(val_idx)), n_train=int(len(train_idx)), data=os.fspath(data_dir),
+                  data_seconds=round(t_data, 2), val_image_size=int(val_images.shape[1]))
+  return clf
+
+
+def fit_classifier(images: np.ndarray, labels: Mapping[str, np.ndarray], *, config: ClassifierConfig | None = None,
+                   seed: int = 0, steps: int = 400, batch_size: int = 64, lr: float = 3e-3, noise_std: float = 0.06,
+                   log=None) -> Classifier:
+  """Trains the attribute classifier on uint8 images [N, H, W, 3] with labels {head: int [N]}.
+
   Adam (warmup + cosine decay) on the summed cross-entropy of the three heads; augmentation: horizontal flips and
-  Gaussian pixel noise of std U(0, noise_std) in [-1, 1] units. `info` gets the per-head validation accuracy on
-  the held-out validation split (the dataset's last examples), sizes, settings and training seconds.
+  Gaussian pixel noise of std U(0, noise_std) in [-1, 1] units. Deterministic given `seed`; `info` holds the
+  settings, final loss and training seconds.
   """
   import jax
   import jax.numpy as jnp
   import optax
 
-  for name, v in (("steps", steps), ("batch_size", batch_size), ("n_train", n_train), ("n_val", n_val)):
+  for name, v in (("steps", steps), ("batch_size", batch_size)):
     if int(v) < 1:
       raise ValueError(f"{name} must be >= 1, got {v}")
   if lr <= 0:
     raise ValueError(f"lr must be positive, got {lr}")
+  if len(images) < 1 or any(len(labels[k]) != len(images) for k in HEADS):
+    raise ValueError(f"need images and one label per image for each of {list(HEADS)}")
   config = config or ClassifierConfig()
   t0 = time.perf_counter()
-  train_idx, val_idx = split_indices(dataset_size(data_dir), n_train, n_val)
-  train_images, train_labels, _ = load_real(data_dir, train_idx)
-  val_images, val_labels, _ = load_real(data_dir, val_idx)
-  x_train = resize_images(train_images, config.input_size)
-  y_train = np.stack([train_labels[k] for k in HEADS], axis=1)                  # [N, 3]
-  t_data = time.perf_counter() - t0
+  x_train = resize_images(images, config.input_size)
+  y_train = np.stack([np.asarray(labels[k]) for k in HEADS], axis=1)                  # [N, 3]
 
   model = _module(config)
   key = jax.random.key(seed)
@@ -288,14 +310,9 @@ def train_classifier(data_dir, *, config: ClassifierConfig | None = None, seed: 
     if log is not None and (i + 1) % max(1, steps // 5) == 0:
       log(f"classifier step {i + 1}/{steps}: loss {float(loss):.4f}")
   params = jax.tree.map(np.asarray, params)
-  t_train = time.perf_counter() - t0 - t_data
-  clf = Classifier(config, params)
-  val = accuracy_per_head(clf.predict(val_images), val_labels)
-  clf.info = {"val_accuracy": val, "n_val": int(len(val_idx)), "n_train": int(len(train_idx)),
-              "final_loss": float(loss), "seed": seed, "steps": steps, "batch_size": bs, "lr": lr,
-              "noise_std": noise_std, "data": os.fspath(data_dir), "data_seconds": round(t_data, 2),
-              "train_seconds": round(t_train, 2), "val_image_size": int(val_images.shape[1])}
-  return clf
+  info = {"final_loss": float(loss), "seed": seed, "steps": steps, "batch_size": bs, "lr": lr,
+          "noise_std": noise_std, "train_seconds": round(time.perf_counter() - t0, 2)}
+  return Classifier(config, params, info)
 
 
 # ---- save / load ------------------------------------------------------------------------------------------------
