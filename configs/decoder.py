@@ -27,7 +27,7 @@ def get_config(arg: str = ""):
       out_channels=6,               # [eps, v] (learned_range variance)
       block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
       attention_levels=(False, True, True, True), mid_block_attention=True, head_dim=64,
-      attention="auto",             # "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, else XLA) | "xla" | "cudnn"
+      attention="auto",             # "auto" (cuDNN on CUDA GPUs in bf16/fp16, Pallas splash on TPU, else XLA) | "xla" | "cudnn" | "splash"
       cross_attention_dim=1536, class_embed_type="identity",
       time_scale_shift="scale_shift", norm_num_groups=32, dropout=0.1,
       time_embed_dim=None,          # None: 4·block_out_channels[0]
