@@ -11,8 +11,9 @@ per implementation, each the gradient of a scalar of the output (so forward + ba
 
 compiled for an abstract TPU slice (libtpu, `jax.experimental.topologies`) under a ("data",) mesh with `batch`
 rows per chip. The cost model does not see inside a Pallas kernel (splash gives XLA no cost estimate), so its
-estimate for splash leaves the kernel out; the table adds the kernel's own matmul FLOPs (forward 4·T·S·D per head,
-fused backward 10·T·S·D, padded lengths) at the chip's bf16 peak as a lower bound: both columns are estimates.
+estimate for splash leaves the kernels out; the table adds their own matmul FLOPs (forward 4·T·S·D per head, the
+dq kernel 6·T·S·D, the dk/dv kernel 8·T·S·D, padded lengths) at the chip's bf16 peak as a lower bound: both
+columns are estimates.
 
   python bench/tpu_attention.py [--topology v5p:2x2x1] [--batch 8] [--json out.json]
 """
@@ -31,11 +32,11 @@ KARLO_32 = dict(size=32, channels=640, head_dim=64, tokens=81, context_dim=1536,
 
 
 def splash_kernel_flops(batch: int, heads: int, tq: int, tk: int, head_dim: int) -> float:
-  """Matmul FLOPs of the splash kernels, forward + fused backward, at the lengths padded to the kernel's block."""
+  """Matmul FLOPs of the splash kernels (forward, dq, dk/dv) at the lengths padded to the kernel's block."""
   from unclip_jax.models import layers
 
   pad = lambda n: -(-n // layers.SPLASH_BLOCK) * layers.SPLASH_BLOCK
-  return 14.0 * batch * heads * pad(tq) * pad(tk) * head_dim
+  return 18.0 * batch * heads * pad(tq) * pad(tk) * head_dim
 
 
 def programs(impl: str, mesh, batch: int, dtype: str, shape: dict):

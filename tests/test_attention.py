@@ -201,7 +201,9 @@ def _splash_keep(b, s, seed=0):
   return jnp.asarray(keep)
 
 
-@pytest.mark.parametrize("tq,s,masked", [(5, 7, True), (130, 140, True), (128, 256, False)])
+@pytest.mark.parametrize("tq,s,masked", [
+    (5, 7, True), pytest.param(130, 140, True, marks=pytest.mark.slow),     # slow: 2 x 2 blocks in interpret mode
+    pytest.param(128, 256, False, marks=pytest.mark.slow)])
 def test_splash_equals_xla_forward_and_gradients(tq, s, masked):
   """Lengths off the 128 grid (padded inside), on it, with and without a key mask: outputs and dq, dk, dv."""
   q, k, v = _qkv(3, b=2, tq=tq, s=s, h=2, d=8)
@@ -341,3 +343,23 @@ def test_unet_auto_picks_splash_on_tpu(monkeypatch):
   assert layers.resolve_attention("auto", jnp.bfloat16, 64, has_bias=True) == "xla"
   monkeypatch.setattr(layers, "_splash_placeable", lambda: False)        # several chips and no mesh: XLA
   assert layers.resolve_attention("auto", jnp.bfloat16, 64, has_bias=False, splash_ok=True) == "xla"
+
+
+def test_pipeline_traces_its_unet_stages_under_its_mesh():
+  """`UnCLIP` jits its UNet stages through `_under_mesh`: with 8 devices and no `jax.set_mesh`, the kernel still
+  runs inside shard_map over the pipeline's ("data",) mesh, rows sharded, equal to XLA."""
+  import types
+
+  from unclip_jax.inference.pipeline import UnCLIP, data_mesh
+
+  mesh = data_mesh(jax.devices())
+  assert mesh.size == 8
+  q, k, v = _qkv(8, b=8, tq=6, s=10, h=2, d=8)
+  keep = _splash_keep(8, 10, seed=3)
+  fn = jax.jit(UnCLIP._under_mesh(types.SimpleNamespace(mesh=mesh), layers.splash_attention))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  args = jax.device_put((q, k, v, keep), rows)
+  assert "shard_map" in str(jax.make_jaxpr(fn)(*args))
+  got = fn(*args)
+  assert got.sharding.spec[0] == "data"
+  np.testing.assert_allclose(got, _masked_xla(q, k, v, keep), atol=1e-5, rtol=1e-5)

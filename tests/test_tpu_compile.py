@@ -218,3 +218,21 @@ def test_sampling_chain_compiles_for_v5e(tmp_path):
 def test_sampling_batch_the_chips_do_not_divide(tmp_path):
   proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "3"], timeout=120)
   assert proc.returncode == 2 and "not divisible by the 4 chips" in proc.stderr, proc.stderr[-2000:]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_train_step_on_tpu_runs_the_pallas_splash_kernel(tmp_path):
+  """attention "auto" on a TPU topology puts the splash kernels (forward, dq, dk/dv: Mosaic tpu_custom_calls) in
+  the compiled train step, inside shard_map over the 4 chips; "xla" has none. One level with attention: a down
+  block, two up blocks and the mid block, 4 attention layers."""
+  with_attention = [f for f in MICRO_FLAGS if "attention_levels" not in f] + ["--config.model.attention_levels=(True,)"]
+  kernels = {}
+  for impl in ("auto", "xla"):
+    proc = _run(["unclip_jax.train", "--config", "decoder:tiny", "--workdir", str(tmp_path), "--compile_only",
+                 "--topology", "v5e:2x2", *with_attention, f"--config.model.attention={impl}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (row,) = _rows(proc)
+    assert row["fits"]
+    kernels[impl] = row["pallas_kernels"]
+  assert kernels == {"auto": 4 * 3, "xla": 0}

@@ -267,8 +267,10 @@ def _splash_local(q, k, v, kv_segments, *, causal: bool, interpret: bool):
   shape = (tq, tk)
   head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
   bq, bkv = _splash_block(tq), _splash_block(tk)
+  # Separate dq and dk/dv backward kernels: the fused one keeps a float32 partial dq per key block in HBM
+  # (+115 MiB per chip at the Karlo 32² shape, bench/NOTES.md).
   blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
-                             block_kv_dkv_compute=bkv, use_fused_bwd_kernel=True)
+                             block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
   kernel = splash.make_splash_mha(splash.MultiHeadMask([head_mask] * h), block_sizes=blocks, head_shards=1,
                                   q_seq_shards=1, interpret=interpret)
   segments = splash.SegmentIds(q=jnp.zeros((b, tq), jnp.int32), kv=kv_segments)
@@ -278,7 +280,7 @@ def _splash_local(q, k, v, kv_segments, *, causal: bool, interpret: bool):
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
                      causal: bool = False, interpret: bool | None = None) -> jax.Array:
   """Scaled dot-product attention with the Pallas TPU splash kernel (`jax.experimental.pallas.ops.tpu.
-  splash_attention`), its fused backward kernel for gradients.
+  splash_attention`) and its dq and dk/dv kernels for gradients.
 
   Args:
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D].
