@@ -33,11 +33,12 @@ def get_config(arg: str = ""):
   # clip_mean/clip_std are data statistics: frozen (and never weight-decayed, see train/optim.py).
   c.optim.update(lr=1.1e-4, weight_decay=6e-2, frozen=("clip_mean", "clip_std"))
   if variant == "paper":
-    # Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents" (arXiv:2204.06125), Appendix C, Table 3, column "Diffusion
-    # prior" (1B): a decoder-only transformer of width 2048, 24 layers, 32 heads; 1000 cosine steps, 64 sampling
-    # steps; batch 4096, 600K iterations, lr 1.1e-4, weight decay 6e-2, Adam β2 0.96, ε 1e-6, EMA 0.9999; over the
-    # paper's ViT-H/16 CLIP embeddings (1024 wide). Not followed: the table's text context of 256 (the prior reads
-    # CLIP's 77 text-token states here, as Karlo's) and its "analytic" sampling variance (fixed_small_log kept).
+    # Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents" (arXiv:2204.06125),
+    # Appendix C, Table 3, column "Diffusion prior" (1B): a decoder-only transformer of width 2048, 24 layers, 32 heads;
+    # 1000 cosine steps, 64 sampling steps; batch 4096, 600K iterations, lr 1.1e-4, weight decay 6e-2, Adam β2 0.96, ε
+    # 1e-6, EMA 0.9999; over the paper's ViT-H/16 CLIP embeddings (1024 wide). Not followed: the table's text context of
+    # 256 (the prior reads CLIP's 77 text-token states here, as Karlo's) and its "analytic" sampling variance
+    # (fixed_small_log kept).
     c.model.update(embedding_dim=1024, num_layers=24, num_heads=32, head_dim=64)
     c.sampling.update(steps="64")
     c.batch_size = 4096

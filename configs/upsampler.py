@@ -34,9 +34,10 @@ def get_config(arg: str = ""):
   c.degradation = "blur"          # "blur" (64->256) or "bsr" (256->1024)
   c.crop_fraction = 0.25          # train on random crops of 1/4 of the target size
   c.last_step_model = True        # Karlo: a separate model for the final step
-  # The paper's upsamplers, Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents" (arXiv:2204.06125), Appendix C, Table 3,
-  # columns "64→256" (700M) and "256→1024" (300M): conv-only UNets (no attention), trained on random crops of a
-  # quarter of the target size, Adam β2 0.999, ε 1e-8, EMA 0.9999, 1M iterations; no separate last-step model.
+  # The paper's upsamplers: Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents"
+  # (arXiv:2204.06125), Appendix C, Table 3, columns "64→256" (700M) and "256→1024" (300M): conv-only UNets (no
+  # attention), trained on random crops of a quarter of the target size, Adam β2 0.999, ε 1e-8, EMA 0.9999, 1M
+  # iterations; no separate last-step model.
   if variant == "paper_64_256":
     # 320 channels × (1, 2, 3, 4), 3 res blocks per level, dropout 0.1; 1000 cosine steps, 27 DDIM steps; batch 1024,
     # lr 1.2e-4; Gaussian-blur degradation.
