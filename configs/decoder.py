@@ -7,13 +7,14 @@
   "glide": `builders.glide_text` (text_ctx, xf_width = cross_attention_dim, xf_layers, xf_heads, xf_final_ln,
     xf_padding, n_vocab).
 The tiny variant runs either: `--config.model.text_encoder=glide` switches it to a 2-layer GLIDE text encoder.
+`paper`: the unCLIP paper's 64² decoder sizes (see the variant).
 Compute dtype and remat policy are the top-level `dtype` / `remat_policy` (config_lib.base_config).
 """
 import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo", "glide", "shapes", "shapes2", "shapes2_text")
+VARIANTS = ("tiny", "karlo", "glide", "paper", "shapes", "shapes2", "shapes2_text")
 
 
 def get_config(arg: str = ""):
@@ -27,7 +28,9 @@ def get_config(arg: str = ""):
       out_channels=6,               # [eps, v] (learned_range variance)
       block_out_channels=(320, 640, 960, 1280), layers_per_block=3,
       attention_levels=(False, True, True, True), mid_block_attention=True, head_dim=64,
-      attention="auto",             # "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, else XLA) | "xla" | "cudnn"
+      # "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, Pallas splash on TPU, else XLA) | "xla" | "cudnn"
+      # | "splash" (models.layers.resolve_attention)
+      attention="auto",
       cross_attention_dim=1536, class_embed_type="identity",
       time_scale_shift="scale_shift", norm_num_groups=32, dropout=0.1,
       time_embed_dim=None,          # None: 4·block_out_channels[0]
@@ -53,6 +56,25 @@ def get_config(arg: str = ""):
     c.model.update(block_out_channels=(192, 384, 576, 768), cross_attention_dim=512, text_encoder="glide")
     c.sampling.update(steps="100", guidance_scale=3.0)
     c.text_drop_prob = 0.2          # GLIDE: 20% of captions replaced by the empty token sequence
+  if variant == "paper":
+    # Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents" (arXiv:2204.06125),
+    # Appendix C, Table 3, column "64" (the decoder, 3.5B): GLIDE's 64² trunk, 512 channels × (1, 2, 3, 4), 3 res blocks
+    # per level, attention at 32, 16 and 8 (and the middle block), 64-wide heads, dropout 0.1; its text transformer:
+    # context 256, width 2048, 24 layers, 32 heads (the xf_* fields; the UNet attends to width-2048 tokens); 1000 cosine
+    # steps, sampled with 250 steps and the learned variance; batch 2048, 800K iterations, lr 1.2e-4, Adam β2 0.999, ε
+    # 1e-8, EMA 0.9999. CLIP embeddings are the paper's ViT-H/16 (1024 wide). The paper's decoder feeds the UNet the
+    # GLIDE transformer's tokens *and* 4 CLIP tokens; here a decoder has one pathway: `text_proj` (the default, the
+    # unCLIP conditioning the pipeline uses; CLIP's text tokens stand in for the transformer's) or
+    # `--config.model.text_encoder=glide` (the GLIDE transformer, no CLIP conditioning). 3.5B = the UNet + the
+    # transformer (tests/test_paper_configs.py counts both).
+    c.model.update(block_out_channels=(512, 1024, 1536, 2048), layers_per_block=3,
+                   attention_levels=(False, True, True, True), mid_block_attention=True, head_dim=64,
+                   cross_attention_dim=2048, clip_embedding_dim=1024, dropout=0.1,
+                   text_ctx=256, xf_width=2048, xf_layers=24, xf_heads=32)
+    c.sampling.update(steps="250")
+    c.batch_size = 2048
+    c.num_train_steps = 800_000
+    c.optim.update(lr=1.2e-4, b2=0.999, eps=1e-8, ema_decay=0.9999)
   if variant == "shapes":
     # 16² (the classifier reads bicubic 16->64 real images 100% right on colour, shape and background: the facts
     # survive at this size), so 2 CPU cores afford enough steps; the upsampler takes it to 64².

@@ -6,7 +6,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo", "shapes", "shapes2")
+VARIANTS = ("tiny", "karlo", "paper", "shapes", "shapes2")
 
 
 def get_config(arg: str = ""):
@@ -32,6 +32,18 @@ def get_config(arg: str = ""):
   c.num_candidates = 2            # draw n, keep the one with the highest dot product with the text embedding
   # clip_mean/clip_std are data statistics: frozen (and never weight-decayed, see train/optim.py).
   c.optim.update(lr=1.1e-4, weight_decay=6e-2, frozen=("clip_mean", "clip_std"))
+  if variant == "paper":
+    # Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents" (arXiv:2204.06125),
+    # Appendix C, Table 3, column "Diffusion prior" (1B): a decoder-only transformer of width 2048, 24 layers, 32 heads;
+    # 1000 cosine steps, 64 sampling steps; batch 4096, 600K iterations, lr 1.1e-4, weight decay 6e-2, Adam β2 0.96, ε
+    # 1e-6, EMA 0.9999; over the paper's ViT-H/16 CLIP embeddings (1024 wide). Not followed: the table's text context of
+    # 256 (the prior reads CLIP's 77 text-token states here, as Karlo's) and its "analytic" sampling variance
+    # (fixed_small_log kept).
+    c.model.update(embedding_dim=1024, num_layers=24, num_heads=32, head_dim=64)
+    c.sampling.update(steps="64")
+    c.batch_size = 4096
+    c.num_train_steps = 600_000
+    c.optim.update(lr=1.1e-4, weight_decay=6e-2, b2=0.96, eps=1e-6, ema_decay=0.9999)
   if variant == "shapes":
     c.model.update(embedding_dim=64, num_embeddings=16, num_layers=4, num_heads=4, head_dim=32)
     # guidance 2 (not Karlo's 4): chosen from {1, 1.5, 2, 3} by adherence of the whole chain (shapes.evaluate, seed 1)

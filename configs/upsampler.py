@@ -8,7 +8,7 @@ import ml_collections as mlc
 
 from unclip_jax import config_lib
 
-VARIANTS = ("tiny", "karlo_64_256", "paper_256_1024", "shapes", "shapes2")
+VARIANTS = ("tiny", "karlo_64_256", "paper_64_256", "paper_256_1024", "shapes", "shapes2")
 
 
 def get_config(arg: str = ""):
@@ -34,10 +34,31 @@ def get_config(arg: str = ""):
   c.degradation = "blur"          # "blur" (64->256) or "bsr" (256->1024)
   c.crop_fraction = 0.25          # train on random crops of 1/4 of the target size
   c.last_step_model = True        # Karlo: a separate model for the final step
+  # The paper's upsamplers: Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP Latents"
+  # (arXiv:2204.06125), Appendix C, Table 3, columns "64→256" (700M) and "256→1024" (300M): conv-only UNets (no
+  # attention), trained on random crops of a quarter of the target size, Adam β2 0.999, ε 1e-8, EMA 0.9999, 1M
+  # iterations; no separate last-step model.
+  if variant == "paper_64_256":
+    # 320 channels × (1, 2, 3, 4), 3 res blocks per level, dropout 0.1; 1000 cosine steps, 27 DDIM steps; batch 1024,
+    # lr 1.2e-4; Gaussian-blur degradation.
+    c.model.update(dropout=0.1)
+    c.sampling.update(steps="27", sampler="ddim", eta=0.0)
+    c.batch_size = 1024
+    c.optim.update(lr=1.2e-4)
   if variant == "paper_256_1024":
+    # 192 channels × (1, 1, 2, 2, 4, 4), 2 res blocks per level, no dropout; 1000 linear steps, 15 DDIM steps; batch
+    # 512, lr 1.0e-4; BSR degradation.
     c.model.update(low_res_size=256, image_size=1024, block_out_channels=(192, 192, 384, 384, 768, 768),
                    attention_levels=(False,) * 6, layers_per_block=2)
+    c.diffusion.schedule = "linear"
+    c.sampling.update(steps="15", sampler="ddim", eta=0.0)
+    c.batch_size = 512
+    c.optim.update(lr=1.0e-4)
     c.degradation = "bsr"
+  if variant.startswith("paper_"):
+    c.num_train_steps = 1_000_000
+    c.optim.update(b2=0.999, eps=1e-8, ema_decay=0.9999)
+    c.last_step_model = False
   if variant == "shapes":
     c.model.update(low_res_size=16, image_size=64, block_out_channels=(32, 64), attention_levels=(False, False),
                    layers_per_block=1, norm_num_groups=8)

@@ -180,13 +180,15 @@ def test_prior_train_step_compiles_for_v5e(tmp_path):
   assert row["program"] == "train prior:tiny" and row["fits"] and row["flops"] > 0
 
 
-def _micro_bundle(path: pathlib.Path) -> pathlib.Path:
+def _micro_bundle(path: pathlib.Path, decoder_attention: bool = False) -> pathlib.Path:
   """A bundle of micro stages (zero weights: only the configs matter to a compile)."""
   import helpers
 
   clip_cfg, prior_cfg, _, _ = helpers.tiny_configs()
   prior_cfg.sampling.steps = "2"
-  dec = config_lib.load_config("configs/decoder.py:tiny", MICRO_UNET + ["model.image_size=8", "sampling.steps='2'"])
+  attention = ["model.attention_levels=(True,)"] if decoder_attention else []
+  dec = config_lib.load_config("configs/decoder.py:tiny", MICRO_UNET + attention + ["model.image_size=8",
+                                                                                    "sampling.steps='2'"])
   sr = config_lib.load_config("configs/upsampler.py:tiny",
                               MICRO_UNET + ["model.low_res_size=8", "model.image_size=16", "sampling.steps='2'"])
   zeros = lambda cfg: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), bundle.abstract_params(cfg))
@@ -218,3 +220,35 @@ def test_sampling_chain_compiles_for_v5e(tmp_path):
 def test_sampling_batch_the_chips_do_not_divide(tmp_path):
   proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "3"], timeout=120)
   assert proc.returncode == 2 and "not divisible by the 4 chips" in proc.stderr, proc.stderr[-2000:]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_train_step_on_tpu_runs_the_pallas_splash_kernel(tmp_path):
+  """attention "auto" on a TPU topology puts the splash kernels (forward, dq, dk/dv: Mosaic tpu_custom_calls) in
+  the compiled train step, inside shard_map over the 4 chips; "xla" has none. One level with attention: a down
+  block, two up blocks and the mid block, 4 attention layers."""
+  with_attention = [f for f in MICRO_FLAGS if "attention_levels" not in f] + ["--config.model.attention_levels=(True,)"]
+  kernels = {}
+  for impl in ("auto", "xla"):
+    proc = _run(["unclip_jax.train", "--config", "decoder:tiny", "--workdir", str(tmp_path), "--compile_only",
+                 "--topology", "v5e:2x2", *with_attention, f"--config.model.attention={impl}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (row,) = _rows(proc)
+    assert row["fits"]
+    kernels[impl] = row["pallas_kernels"]
+  assert kernels == {"auto": 4 * 3, "xla": 0}
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_sampler_on_tpu_runs_the_pallas_splash_kernel(tmp_path):
+  """The decoder's sampling scan on TPU calls the splash forward kernel in each of its 4 attention layers (the
+  pipeline traces it under its mesh: shard_map over the rows); the other stages have no UNet attention."""
+  b = _micro_bundle(tmp_path / "bundle", decoder_attention=True)
+  proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "4", "--bundle", str(b)])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  by = {r["program"]: r for r in _rows(proc)}
+  assert by["sample decoder"]["pallas_kernels"] == 4 and by["sample decoder"]["fits"]
+  assert by["sample text"]["pallas_kernels"] == by["sample prior"]["pallas_kernels"] == 0
+  assert by["sample super_res"]["pallas_kernels"] == 0

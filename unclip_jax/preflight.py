@@ -124,8 +124,17 @@ def _positive(x) -> float | None:
   return x if x is not None and math.isfinite(x) and x > 0 else None
 
 
+def pallas_kernels(compiled) -> int | None:
+  """How many Pallas TPU kernels (Mosaic `tpu_custom_call`s) the compiled program calls; None without its text."""
+  try:
+    return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  except Exception:
+    return None
+
+
 def measure(compiled, *, compile_s: float) -> dict[str, Any]:
-  """Per-chip memory, FLOPs per chip and the compiler's estimated seconds of one compiled program."""
+  """Per-chip memory, FLOPs per chip, the compiler's estimated seconds and the Pallas kernel calls of one compiled
+  program (the cost model does not see inside a Pallas kernel: its FLOPs and time are left out of the estimate)."""
   m = compiled.memory_analysis()
   cost = _cost(compiled)
   args, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
@@ -133,7 +142,7 @@ def measure(compiled, *, compile_s: float) -> dict[str, Any]:
   return {"argument_bytes": args, "output_bytes": out, "temp_bytes": temp, "alias_bytes": alias,
           "code_bytes": int(m.generated_code_size_in_bytes), "total_bytes": args + out + temp - alias,
           "flops_per_chip": _positive(cost.get("flops")), "est_seconds": _positive(cost.get("optimal_seconds")),
-          "compile_s": compile_s}
+          "compile_s": compile_s, "pallas_kernels": pallas_kernels(compiled)}
 
 
 _OOM_RE = re.compile(r"required for ([\w ]+?) \(([\d.]+)([KMGTP]?)\) exceeds available HBM \(([\d.]+)([KMGTP]?)\)")

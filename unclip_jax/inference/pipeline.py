@@ -17,12 +17,14 @@ The uncond branch of each guided stage sees what that model was trained with: th
 Devices: the weights are replicated over a 1-D ("data",) mesh of `devices` (default: every local accelerator; one
 device on CPU, where host "devices" share the same cores) and every batch whose rows divide evenly over them is
 sharded by rows (else each device computes all of it). The noise is drawn the same way on any mesh, so the
-images do not depend on the device count.
+images do not depend on the device count. The UNet stages are traced under that mesh (its abstract form), so on
+TPU their attention runs the Pallas splash kernel inside `shard_map` over the rows.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -245,6 +247,17 @@ class UnCLIP:
       return jax.device_put(x, rows if shape and shape[0] % n == 0 else whole)
     return jax.tree.map(put, tree)
 
+  def _under_mesh(self, fn):
+    """`fn` traced under the pipeline's (abstract) mesh, so that a layer which must know it can: the UNet's Pallas
+    splash attention on TPU runs inside `jax.shard_map` over the rows (`models.layers.splash_attention`)."""
+    mesh = self.mesh.abstract_mesh
+
+    @functools.wraps(fn)
+    def traced(*args):
+      with jax.sharding.use_abstract_mesh(mesh):
+        return fn(*args)
+    return traced
+
   def _bar(self, cfg, desc: str):
     return samplers.ProgressBar(num_steps(cfg), desc=desc) if self.progress else None
 
@@ -280,7 +293,7 @@ class UnCLIP:
                                 inpaint_method=dc.sampling.inpaint_method,
                                 resample_jumps=int(dc.sampling.resample_jumps),
                                 image_conditioning=bool(dc.image_conditioning), progress=dec_bar)
-    self._decoder = jax.jit(decoder_fn)
+    self._decoder = jax.jit(self._under_mesh(decoder_fn))
 
     def invert_fn(params, cond, x0):
       kwargs = decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
@@ -288,7 +301,7 @@ class UnCLIP:
                                         guidance=False, image_conditioning=bool(dc.image_conditioning))
       model_fn = decoder_stage.model_fn_for(self.unet, params["unet"], kwargs)
       return samplers.ddim_invert(model_fn, x0, diffusion=dec_diffusion, steps=dc.sampling.steps)
-    self._invert = jax.jit(invert_fn)
+    self._invert = jax.jit(self._under_mesh(invert_fn))
 
     if self.sr_cfg is not None:
       sc = self.sr_cfg
@@ -300,7 +313,7 @@ class UnCLIP:
         return upsampler_stage.sample(first, last, low_res, x_T, rng, unet=self.sr_unet, diffusion=sr_diffusion,
                                     steps=sc.sampling.steps, settings=sr_settings,
                                     resize_method=sc.model.resize_method, progress=sr_bar)
-      self._super_res = jax.jit(sr_fn)
+      self._super_res = jax.jit(self._under_mesh(sr_fn))
 
   def with_sampling(self, **stages: Mapping[str, Any]) -> "UnCLIP":
     """A pipeline sharing these weights whose named stages use other sampler settings, e.g.

@@ -146,7 +146,7 @@ def attention_bias_from_mask(mask: jax.Array, *, masked_value: float = DIFFUSERS
   return jnp.where(mask.astype(bool), 0.0, masked_value).astype(jnp.float32)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def _is_cuda() -> bool:
@@ -157,30 +157,166 @@ def _is_cuda() -> bool:
   return "cuda" in str(getattr(client, "platform_version", "") or "").lower()
 
 
-def auto_attention(*, cuda: bool, dtype, head_dim: int, has_bias: bool) -> str:
-  """What "auto" picks: cuDNN flash attention on a CUDA GPU for fp16/bf16 inputs with a head width that cuDNN
-  takes on every architecture (<= 128, a multiple of 8) and no additive bias (cuDNN training with a bias needs
-  even sequence lengths, and a [B, H, T, S] bias costs the memory traffic flash attention saves); else XLA."""
+def _context_mesh():
+  """The abstract mesh set by `jax.set_mesh` (None when there is none)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def _platform() -> str:
+  """Where the program being traced runs: the context mesh's devices ("tpu" for a compile-only TPU topology
+  traced on a CPU host), else the default backend."""
+  mesh = _context_mesh()
+  device = getattr(mesh, "abstract_device", None) if mesh is not None else None
+  return getattr(device, "platform", None) or jax.default_backend()
+
+
+def _splash_placeable() -> bool:
+  """True when a Pallas kernel can be placed: under a context mesh (it runs inside `jax.shard_map`), or on a
+  single device. Pallas kernels cannot be auto-partitioned, so with several devices and no mesh it is not."""
+  return _context_mesh() is not None or jax.device_count() == 1
+
+
+def splash_head_dim_ok(head_dim: int) -> bool:
+  """Head widths the splash kernel is used for: multiples of 8 up to 256 (it tiles [block, head_dim] with the
+  whole head in one block)."""
+  return head_dim % 8 == 0 and 0 < head_dim <= 256
+
+
+def auto_attention(*, cuda: bool, dtype, head_dim: int, has_bias: bool, tpu: bool = False,
+                   splash_ok: bool = False) -> str:
+  """What "auto" picks.
+
+  CUDA GPU: cuDNN flash attention for fp16/bf16 inputs with a head width that cuDNN takes on every architecture
+  (<= 128, a multiple of 8) and no additive bias (cuDNN training with a bias needs even sequence lengths, and a
+  [B, H, T, S] bias costs the memory traffic flash attention saves).
+  TPU: Pallas splash attention when the caller passes its masks as key masks (`splash_ok`, the UNet), with no
+  additive bias and a head width `splash_head_dim_ok` takes, where the kernel can be placed (`_splash_placeable`).
+  Else XLA."""
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  ok = cuda and half and head_dim <= 128 and head_dim % 8 == 0 and not has_bias
-  return "cudnn" if ok else "xla"
+  if cuda and half and head_dim <= 128 and head_dim % 8 == 0 and not has_bias:
+    return "cudnn"
+  if tpu and splash_ok and not has_bias and splash_head_dim_ok(head_dim):
+    return "splash"
+  return "xla"
 
 
-def resolve_attention(implementation: str, dtype, head_dim: int, *, has_bias: bool) -> str:
-  """Config value ("auto" | "xla" | "cudnn") -> the implementation this call uses ("xla" or "cudnn").
+def resolve_attention(implementation: str, dtype, head_dim: int, *, has_bias: bool, splash_ok: bool = False) -> str:
+  """Config value ("auto" | "xla" | "cudnn" | "splash") -> the implementation this call uses.
+
+  `splash_ok`: the caller can run `splash_attention` (masks as key masks, no additive bias). "splash" on a
+  backend other than TPU runs the kernel in Pallas interpret mode (slow; for tests).
 
   Raises:
-    ValueError: an unknown name, or "cudnn" asked for where there is no CUDA GPU.
+    ValueError: an unknown name, "cudnn" where there is no CUDA GPU, or "splash" for a head width the kernel does
+      not take.
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; choose one of "
                      f"{ATTENTION_IMPLEMENTATIONS}")
   if implementation == "auto":
-    return auto_attention(cuda=_is_cuda(), dtype=dtype, head_dim=head_dim, has_bias=has_bias)
+    tpu = _platform() == "tpu" and splash_ok and _splash_placeable()
+    return auto_attention(cuda=_is_cuda(), dtype=dtype, head_dim=head_dim, has_bias=has_bias, tpu=tpu,
+                          splash_ok=splash_ok)
   if implementation == "cudnn" and not _is_cuda():
     raise ValueError(f"attention='cudnn' needs a CUDA GPU; the default backend is {jax.default_backend()!r} "
                      "(use 'auto' or 'xla')")
+  if implementation == "splash" and not splash_head_dim_ok(head_dim):
+    raise ValueError(f"attention='splash' needs a head width that is a multiple of 8 and at most 256, got "
+                     f"{head_dim} (use 'auto' or 'xla')")
   return implementation
+
+
+# ---- Pallas splash attention (TPU) -------------------------------------------------------------------------------
+SPLASH_BLOCK = 128          # sequence lengths are padded to a multiple of this (the kernel's lane width)
+
+
+def _splash_block(length: int) -> int:
+  """The largest of 512, 256, 128 that divides `length` (a multiple of SPLASH_BLOCK)."""
+  return next(b for b in (512, 256, SPLASH_BLOCK) if length % b == 0)
+
+
+def _mesh_specs(mesh, batch: int, heads: int):
+  """(batch axes, head axes) of the shard_map around the kernel: the active logical rules' "batch" and "heads"
+  mesh axes (without rules: the mesh's "data" and "fsdp" axes for the batch), kept only while their sizes divide
+  the batch / head count; the other mesh axes see the whole array (the kernel is replicated over them)."""
+  spec = nn.logical_to_mesh_axes(("batch", "heads"))
+  as_tuple = lambda e: () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+  batch_axes, head_axes = as_tuple(spec[0]), as_tuple(spec[1])
+  if not batch_axes and not head_axes:
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+
+  def fit(axes, n):
+    kept, size = [], 1
+    for a in axes:
+      if a in mesh.axis_names and a not in kept and n % (size * mesh.shape[a]) == 0:
+        kept.append(a)
+        size *= mesh.shape[a]
+    return tuple(kept) or None
+  batch_axes = fit(batch_axes, batch)
+  return batch_axes, fit(tuple(a for a in head_axes if a not in (batch_axes or ())), heads)
+
+
+def _splash_local(q, k, v, kv_segments, *, causal: bool, interpret: bool):
+  """The kernel on one shard: q [B, H, Tq, D] (already scaled), k, v [B, H, Tk, D], kv_segments [B, Tk] int32
+  (0 = attend, 1 = masked); Tq, Tk multiples of SPLASH_BLOCK. -> [B, H, Tq, D]."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+  b, h, tq, _ = q.shape
+  tk = k.shape[2]
+  shape = (tq, tk)
+  head_mask = splash.CausalMask(shape) if causal else splash.FullMask(shape)
+  bq, bkv = _splash_block(tq), _splash_block(tk)
+  # Separate dq and dk/dv backward kernels: the fused one keeps a float32 partial dq per key block in HBM
+  # (+115 MiB per chip at the Karlo 32² shape, bench/NOTES.md).
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+                             block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+  kernel = splash.make_splash_mha(splash.MultiHeadMask([head_mask] * h), block_sizes=blocks, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+  segments = splash.SegmentIds(q=jnp.zeros((b, tq), jnp.int32), kv=kv_segments)
+  return jax.vmap(kernel)(q, k, v, segment_ids=segments)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
+                     causal: bool = False, interpret: bool | None = None) -> jax.Array:
+  """Scaled dot-product attention with the Pallas TPU splash kernel (`jax.experimental.pallas.ops.tpu.
+  splash_attention`) and its dq and dk/dv kernels for gradients.
+
+  Args:
+    q: [B, Tq, H, D]; k, v: [B, Tk, H, D].
+    key_mask: [B, Tk] bool (True = attend) or None. Every query must keep at least one key.
+    causal: query i attends to keys j <= i only (Tq == Tk).
+    interpret: run the kernel in Pallas interpret mode; default: unless the program runs on a TPU.
+  Returns:
+    [B, Tq, H, D] in q's dtype (float32 softmax statistics, as in the kernel).
+
+  Both lengths are padded to a multiple of SPLASH_BLOCK (padded keys are masked through the kernel's segment ids:
+  kept keys id 0, masked and padded keys id 1, queries 0; padded query rows are dropped). Under a context mesh
+  (`jax.set_mesh`) the kernel runs inside `jax.shard_map` over the mesh's batch axes (and head axes when the
+  heads divide), since Pallas kernels cannot be auto-partitioned.
+  """
+  b, tq, h, d = q.shape
+  tk = k.shape[1]
+  if causal and tq != tk:
+    raise ValueError(f"causal splash attention needs as many queries as keys, got {tq} and {tk}")
+  if interpret is None:
+    interpret = _platform() != "tpu"
+  pad_q, pad_k = -tq % SPLASH_BLOCK, -tk % SPLASH_BLOCK
+  keep = jnp.ones((b, tk), bool) if key_mask is None else key_mask.astype(bool)
+  segments = jnp.pad(jnp.where(keep, 0, 1).astype(jnp.int32), ((0, 0), (0, pad_k)), constant_values=1)
+  heads_first = lambda x, pad: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))
+  qh = heads_first(q * jnp.asarray(d ** -0.5, q.dtype), pad_q)                       # [B, H, Tq', D]
+  kh, vh = heads_first(k.astype(q.dtype), pad_k), heads_first(v.astype(q.dtype), pad_k)   # [B, H, Tk', D]
+  local = functools.partial(_splash_local, causal=causal, interpret=interpret)
+  mesh = _context_mesh()
+  if mesh is not None:
+    from jax.sharding import PartitionSpec as P
+
+    batch_axes, head_axes = _mesh_specs(mesh, b, h)
+    act, rows = P(batch_axes, head_axes, None, None), P(batch_axes, None)
+    local = jax.shard_map(local, in_specs=(act, act, act, rows), out_specs=act, check_vma=False)
+  out = local(qh, kh, vh, segments)                                                   # [B, H, Tq', D]
+  return jnp.swapaxes(out[:, :, :tq], 1, 2)
 
 
 def pack_kept_keys(k: jax.Array, v: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -202,18 +338,25 @@ def _attend(q, k, v, *, bias=None, key_lengths=None, implementation: str = "xla"
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None, *,
                           key_lengths: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
-  """Scaled dot-product attention through `jax.nn.dot_product_attention`, XLA or cuDNN flash attention.
+  """Scaled dot-product attention through `jax.nn.dot_product_attention` (XLA or cuDNN flash attention), or the
+  Pallas splash kernel when asked for by name.
 
   Args:
     q: [B, Tq, H, D]; k, v: [B, Tk, H, D].
-    bias: additive bias broadcastable to [B, H, Tq, Tk], or None.
+    bias: additive bias broadcastable to [B, H, Tq, Tk], or None (required None for "splash").
     key_lengths: [B] int32 or None: row b attends to its first key_lengths[b] keys only (`pack_kept_keys`).
-    implementation: "auto" (see `auto_attention`), "xla" or "cudnn".
+    implementation: "auto" (see `auto_attention`; never splash here: callers that can give key masks call
+      `splash_attention`), "xla", "cudnn" or "splash".
   Returns:
-    [B, Tq, H, D] in q's dtype. XLA runs the softmax in float32 (diffusers' `upcast_softmax`); cuDNN accumulates
-    in float32.
+    [B, Tq, H, D] in q's dtype. XLA runs the softmax in float32 (diffusers' `upcast_softmax`); cuDNN and splash
+    accumulate in float32.
   """
   impl = resolve_attention(implementation, q.dtype, q.shape[-1], has_bias=bias is not None)
+  if impl == "splash":
+    if bias is not None:
+      raise ValueError("attention='splash' takes key masks, not an additive bias (use 'xla' for this layer)")
+    mask = None if key_lengths is None else jnp.arange(k.shape[1])[None, :] < key_lengths[:, None]
+    return splash_attention(q, k, v, mask)
   if bias is not None:
     b, tq, h, _ = q.shape
     heads = h if impl == "xla" else 1       # cuDNN broadcasts over batch and heads; it needs the full Tq x Tk

@@ -17,7 +17,8 @@ One module reproduces two diffusers classes (docs/layouts.md):
 
 Attention (`AttnAddedKVProcessor2_0`): keys/values are [add_k_proj(text tokens) ; to_k(GN(x))], encoder tokens
 first; the additive text-mask bias is right-padded with zeros over the spatial keys (on the cuDNN path the kept
-keys are packed in front and passed as lengths instead: `AddedKVAttention`).
+keys are packed in front and passed as lengths instead; on TPU the Pallas splash kernel takes the mask as a key
+mask: `AddedKVAttention`).
 
 Submodules are named after the diffusers keys: `down_blocks.1.attentions.0.add_k_proj` ↔
 `down_blocks_1/attentions_0/add_k_proj`, so `convert/unet.py` is a pure function of the key.
@@ -110,6 +111,8 @@ class AddedKVAttention(nn.Module):
   XLA: keys [context; spatial] with diffusers' additive -10000 bias on the masked context keys (bit for bit).
   cuDNN: keys [spatial; kept context first] and a key length per row instead of a bias (the same attention:
   masked keys are left out either way), so the flash kernel runs without a [B, T+HW] bias tensor.
+  splash (TPU): keys [context; spatial] with the text mask as a key mask (`layers.splash_attention`): the Pallas
+  kernel never materialises the [B, H, HW, T+HW] scores.
   """
   head_dim: int
   groups: int = 32
@@ -126,8 +129,12 @@ class AddedKVAttention(nn.Module):
     q = proj("to_q", xn, ("embed", "heads"))                                            # [B, HW, H, D]
     ck, cv = proj("add_k_proj", context, (None, "heads")), proj("add_v_proj", context, (None, "heads"))
     sk, sv = proj("to_k", xn, ("embed", "heads")), proj("to_v", xn, ("embed", "heads"))
-    impl = layers.resolve_attention(self.attention, q.dtype, d, has_bias=False)
-    if mask is not None and impl == "cudnn":
+    impl = layers.resolve_attention(self.attention, q.dtype, d, has_bias=False, splash_ok=True)
+    if impl == "splash":                                     # masks as key masks; keys in diffusers' order
+      k, v = jnp.concatenate([ck, sk], 1), jnp.concatenate([cv, sv], 1)                 # [B, T+HW, H, D]
+      keep = None if mask is None else jnp.pad(mask, ((0, 0), (0, hh * ww)), constant_values=True)
+      out = layers.splash_attention(q, k, v, keep)
+    elif mask is not None and impl == "cudnn":
       ck, cv, kept = layers.pack_kept_keys(ck, cv, mask)
       k, v = jnp.concatenate([sk, ck], 1), jnp.concatenate([sv, cv], 1)                 # [B, HW+T, H, D]
       out = layers.dot_product_attention(q, k, v, key_lengths=hh * ww + kept, implementation=self.attention)
@@ -232,8 +239,8 @@ class UNet(nn.Module):
       `deterministic=False`).
     dtype: compute dtype (params stay float32; the output is float32).
     remat: one of `layers.REMAT_POLICIES`, applied to every resnet and attention block.
-    attention: "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, else XLA), "xla" or "cudnn"
-      (`layers.resolve_attention`).
+    attention: "auto" (cuDNN flash attention on CUDA GPUs in bf16/fp16, Pallas splash attention on TPU, else
+      XLA), "xla", "cudnn" or "splash" (`layers.resolve_attention`).
   """
   in_channels: int = 3
   out_channels: int = 6

@@ -1,0 +1,76 @@
+"""The `paper` size variants against the parameter counts of Ramesh et al. 2022 (arXiv:2204.06125), Appendix C,
+Table 3, from abstract params (`stages.get(stage).abstract_params`: shapes only, nothing allocated).
+
+Tolerances follow the precision of the table's figures: 5 % for 3.5B and 700M, 15 % for 300M and 25 % for the
+1B figures, which are one significant digit (the diffusion prior's own width 2048 × 24 layers is 1.21B).
+"""
+import math
+import os
+
+import jax
+import pytest
+
+from unclip_jax import config_lib, stages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(stage, variant, overrides=()):
+  return config_lib.load_config(os.path.join(ROOT, "configs", f"{stage}.py:{variant}"), list(overrides))
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _abstract(cfg):
+  params = stages.get(cfg.stage).abstract_params(cfg)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))     # nothing allocated
+  return params
+
+
+def test_paper_decoder_is_3_5b_with_its_text_transformer():
+  """The unCLIP decoder: the GLIDE 64² trunk (UNet) + the CLIP projection (text_proj pathway) + GLIDE's text
+  transformer, counted from the same config with the glide pathway."""
+  cfg = _load("decoder", "paper")
+  unclip = _abstract(cfg)
+  glide = _abstract(_load("decoder", "paper", ["model.text_encoder=glide"]))
+  assert _count(unclip["unet"]) == _count(glide["unet"])
+  total = _count(unclip) + _count(glide["text_encoder"])
+  print(f"decoder:paper unet {_count(unclip['unet']):,} text_proj {_count(unclip['text_proj']):,} "
+        f"transformer {_count(glide['text_encoder']):,} total {total:,}")
+  assert total == pytest.approx(3.5e9, rel=0.05)
+  assert _count(glide["text_encoder"]) == pytest.approx(1.2e9, rel=0.15)    # 24 × 12 · 2048² + embeddings
+  m = cfg.model
+  assert (m.block_out_channels, m.layers_per_block, m.head_dim) == ((512, 1024, 1536, 2048), 3, 64)
+  assert [64 // 2 ** i for i, a in enumerate(m.attention_levels) if a] == [32, 16, 8]
+  assert (cfg.batch_size, cfg.optim.lr, cfg.num_train_steps) == (2048, 1.2e-4, 800_000)
+
+
+@pytest.mark.parametrize("stage,variant,paper,rel", [
+    ("prior", "paper", 1.0e9, 0.25),
+    ("ar_prior", "paper", 1.0e9, 0.25),
+    ("upsampler", "paper_64_256", 700e6, 0.05),
+    ("upsampler", "paper_256_1024", 300e6, 0.15),
+])
+def test_paper_sizes(stage, variant, paper, rel):
+  cfg = _load(stage, variant)
+  n = _count(_abstract(cfg))
+  print(f"{stage}:{variant} {n:,} params (paper {paper:,.0f})")
+  assert n == pytest.approx(paper, rel=rel)
+
+
+@pytest.mark.parametrize("stage,variant,batch,lr,steps", [
+    ("prior", "paper", 4096, 1.1e-4, 600_000), ("ar_prior", "paper", 4096, 1.6e-4, 1_000_000),
+    ("upsampler", "paper_64_256", 1024, 1.2e-4, 1_000_000), ("upsampler", "paper_256_1024", 512, 1.0e-4, 1_000_000)])
+def test_paper_training_hyperparameters(stage, variant, batch, lr, steps):
+  cfg = _load(stage, variant)
+  assert (cfg.batch_size, cfg.optim.lr, cfg.num_train_steps) == (batch, lr, steps)
+
+
+def test_paper_upsampler_schedules_and_samplers():
+  low, high = _load("upsampler", "paper_64_256"), _load("upsampler", "paper_256_1024")
+  assert (low.diffusion.schedule, low.sampling.steps, low.sampling.sampler) == ("cosine", "27", "ddim")
+  assert (high.diffusion.schedule, high.sampling.steps, high.sampling.sampler) == ("linear", "15", "ddim")
+  assert (low.degradation, high.degradation) == ("blur", "bsr")
+  assert low.model.block_out_channels == (320, 640, 960, 1280) and high.model.layers_per_block == 2
