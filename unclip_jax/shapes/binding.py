@@ -355,9 +355,9 @@ def _run(args) -> int:
     from unclip_jax.inference.pipeline import UnCLIP
 
     for name, path in bundles.items():
+      base = UnCLIP.from_bundle(path)
       for g in guidance or [None]:
-        sampling = {} if g is None else {"decoder": {"guidance_scale": g}}
-        pipe = UnCLIP.from_bundle(path, sampling=sampling)
+        pipe = base if g is None else base.with_sampling(decoder={"guidance_scale": g})
         runs = [evaluate(pipe, judge, prompts, seed=s, batch_size=args.batch_size) for s in seeds]
         report["rows"].append({"decoder": name, "bundle": str(path),
                                "guidance": float(pipe.settings()["decoder"]["guidance_scale"]),
