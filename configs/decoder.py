@@ -43,6 +43,9 @@ def get_config(arg: str = ""):
   c.diffusion = config_lib.diffusion_config(prediction="eps", variance="learned_range", loss="hybrid")
   c.sampling = config_lib.sampling_config(steps="25", guidance_scale=8.0, clip_range=1.0)
   c.sampling.update(config_lib.inpainting_config())
+  # None: plain guidance over [uncond; cond]. A number: a separate scale for the text, three branches
+  # [uncond; CLIP image only; image + text] guided as u + s·(i − u) + s_text·(c − i) (samplers.SamplerSettings).
+  c.sampling.text_guidance_scale = None
   c.clip_drop_prob = 0.1
   c.text_drop_prob = 0.5
   # What dropped text (training) and the uncond branch (sampling) see: "zeros" (zero embedding/tokens, all tokens

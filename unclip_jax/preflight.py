@@ -406,10 +406,10 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
   # (name, jitted stage, its args, params, forward fn + args or None, forwards per call)
   pc, dc = pipe.prior_cfg, pipe.decoder_cfg
   prior_rows = b * int(pc.num_candidates) * (2 if pc.sampling.guidance_scale != 1.0 else 1)
-  guided = dc.sampling.guidance_scale != 1.0
-  dec_rows = 2 * b if guided else b
+  branches = decoder_lib.settings_for(dc).branches
+  dec_rows = branches * b
   cond = jax.eval_shape(lambda p, ie, te, en, m: decoder_lib.decoder_cond(
-      pipe.text_proj, p, image_emb=ie, text_emb=te, text_enc=en, text_mask=m, guidance=guided),
+      pipe.text_proj, p, image_emb=ie, text_emb=te, text_enc=en, text_mask=m, guidance=branches),
       dec_p["text_proj"], image_emb, text.emb, text.enc, text.mask)
   f32 = jnp.float32
   plan = [

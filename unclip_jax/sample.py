@@ -45,6 +45,9 @@ def _stage_flags(p: argparse.ArgumentParser) -> None:
     if stage != "super_res":
       p.add_argument(f"--{flag}-guidance", dest=f"{stage}.guidance_scale", type=float, default=None,
                      help="classifier-free guidance scale")
+  p.add_argument("--decoder-text-guidance", dest="decoder.text_guidance_scale", type=float, default=None,
+                 help="a separate guidance scale for the text: three branches [uncond; CLIP image; image + text], "
+                      "u + s·(i − u) + s_text·(c − i) with s = --decoder-guidance")
 
 
 def parser() -> argparse.ArgumentParser:

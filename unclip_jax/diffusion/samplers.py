@@ -33,6 +33,9 @@ class SamplerSettings:
     method: "ddpm" (ancestral, variance from the diffusion's variance type) or "ddim".
     eta: DDIM stochasticity: 0 deterministic, 1 ≈ DDPM with the fixed-small variance.
     guidance_scale: classifier-free guidance scale; 1 disables guidance (and the doubled batch).
+    text_guidance_scale: None, or a separate scale for a text branch: three branches [uncond; image; cond]
+      (image = the conditioning without its text) guided as u + s·(i − u) + s_text·(c − i) (compositional
+      guidance, Liu et al. 2022; InstructPix2Pix's two scales, Brooks et al. 2023). s_text = s is plain guidance.
     clip_range: clamp x̂0 to ±clip_range; None disables.
     dynamic_threshold: Imagen dynamic thresholding percentile in (0, 1); 0 disables (then clip_range applies).
     threshold_max: upper bound on the dynamic threshold s.
@@ -43,6 +46,7 @@ class SamplerSettings:
   method: str = "ddpm"
   eta: float = 0.0
   guidance_scale: float = 1.0
+  text_guidance_scale: float | None = None
   clip_range: float | None = 1.0
   dynamic_threshold: float = 0.0
   threshold_max: float = math.inf
@@ -58,6 +62,13 @@ class SamplerSettings:
       raise ValueError(f"dynamic_threshold must be a percentile in [0, 1), got {self.dynamic_threshold}")
     if self.clip_range is not None and self.clip_range <= 0:
       raise ValueError(f"clip_range must be positive or None, got {self.clip_range}")
+
+  @property
+  def branches(self) -> int:
+    """Rows per sample the model is called on: 1 (unguided), 2 ([uncond; cond]) or 3 ([uncond; image; cond])."""
+    if self.text_guidance_scale is not None:
+      return 3
+    return 2 if self.guidance_scale != 1.0 else 1
 
   @classmethod
   def from_config(cls, cfg) -> "SamplerSettings":
@@ -80,24 +91,36 @@ def threshold_x0(x0: jax.Array, settings: SamplerSettings) -> jax.Array:
   return x0
 
 
-def guide(model_out: jax.Array, scale: float, data_channels: int, learned_variance: bool) -> jax.Array:
-  """Classifier-free guidance of a doubled-batch output [2B, ..., C or 2C] laid out [uncond; cond].
+def guide(model_out: jax.Array, scale: float, data_channels: int, learned_variance: bool,
+          text_scale: float | None = None) -> jax.Array:
+  """Classifier-free guidance of a doubled-batch output [2B, ..., C or 2C] laid out [uncond; cond], or with
+  `text_scale` of a tripled one [3B, ...] laid out [uncond; image; cond].
 
-  The mean channels are guided, u + s·(c - u); learned-variance channels are taken from the cond half.
-  Returns [B, ..., C or 2C].
+  The mean channels are guided, u + s·(c − u), or u + s·(i − u) + s_text·(c − i); learned-variance channels are
+  taken from the cond rows. Returns [B, ..., C or 2C].
   """
-  uncond, cond = jnp.split(model_out, 2, axis=0)
+  if text_scale is None:
+    uncond, cond = jnp.split(model_out, 2, axis=0)
+    mean = lambda o: o[..., :data_channels] if learned_variance else o
+    guided_mean = mean(uncond) + scale * (mean(cond) - mean(uncond))
+  else:
+    uncond, image, cond = jnp.split(model_out, 3, axis=0)
+    mean = lambda o: o[..., :data_channels] if learned_variance else o
+    guided_mean = mean(uncond) + scale * (mean(image) - mean(uncond)) + text_scale * (mean(cond) - mean(image))
   if learned_variance:
-    mean = uncond[..., :data_channels] + scale * (cond[..., :data_channels] - uncond[..., :data_channels])
-    return jnp.concatenate([mean, cond[..., data_channels:]], axis=-1)
-  return uncond + scale * (cond - uncond)
+    return jnp.concatenate([guided_mean, cond[..., data_channels:]], axis=-1)
+  return guided_mean
 
 
-def guided(model_fn: ModelFn, scale: float, data_channels: int, learned_variance: bool) -> ModelFn:
-  """Wraps a model_fn whose conditioning is bound as [uncond; cond] into a guided single-batch model_fn."""
+def guided(model_fn: ModelFn, scale: float, data_channels: int, learned_variance: bool,
+           text_scale: float | None = None) -> ModelFn:
+  """Wraps a model_fn whose conditioning is bound as [uncond; cond] (or [uncond; image; cond] with `text_scale`)
+  into a guided single-batch model_fn."""
+  n = 2 if text_scale is None else 3
+
   def fn(x, t):
-    out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0))
-    return guide(out, scale, data_channels, learned_variance)
+    out = model_fn(jnp.concatenate([x] * n, axis=0), jnp.concatenate([t] * n, axis=0))
+    return guide(out, scale, data_channels, learned_variance, text_scale)
   return fn
 
 
@@ -179,8 +202,9 @@ def _prepare(model_fn, x, diffusion, settings, steps) -> tuple[ModelFn, StepTabl
   if x.ndim < 2:
     raise ValueError(f"x_T must be [B, ..., C], got shape {x.shape}")
   table = step_table(diffusion.schedule, steps, settings.single_step_beta)
-  if settings.guidance_scale != 1.0:
-    model_fn = guided(model_fn, settings.guidance_scale, x.shape[-1], diffusion.learned_variance)
+  if settings.branches > 1:
+    model_fn = guided(model_fn, settings.guidance_scale, x.shape[-1], diffusion.learned_variance,
+                      settings.text_guidance_scale)
   return model_fn, table
 
 

@@ -282,7 +282,7 @@ class UnCLIP:
 
     dc = self.decoder_cfg
     dec_diffusion = GaussianDiffusion.from_config(dc.diffusion)
-    dec_settings = common.sampler_settings(dc)
+    dec_settings = decoder_stage.settings_for(dc)
     dec_bar = self._bar(dc, "decoder")
     self._dec_diffusion, self._dec_steps = dec_diffusion, dc.sampling.steps
 

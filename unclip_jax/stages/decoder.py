@@ -31,6 +31,7 @@ Inpainting (mask 1 = known pixel), two ways, chosen by `inpaint_method`:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
@@ -123,9 +124,11 @@ def check_cond(text_proj: UnCLIPTextProj, cond: DecoderCond) -> tuple[int, int]:
 
 
 def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_emb: jax.Array, text_emb: jax.Array,
-                 text_enc: jax.Array, text_mask: jax.Array, guidance: bool,
+                 text_enc: jax.Array, text_mask: jax.Array, guidance: bool | int,
                  null_text: TextCond | None = None, image_conditioning: bool = True) -> dict[str, jax.Array]:
-  """UNet keyword arguments for the decoder, [uncond; cond] (2B rows) when `guidance`.
+  """UNet keyword arguments for the decoder, [uncond; cond] (2B rows) when `guidance`; with guidance=3 (the
+  `SamplerSettings.branches` of a text guidance scale), [uncond; image; cond] (3B rows), the image rows holding the
+  CLIP image embedding with the null text.
 
   Args:
     image_emb: [B, E]; text_emb: [B, E]; text_enc: [B, L, E]; text_mask: [B, L] bool (True = real token).
@@ -140,15 +143,25 @@ def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_e
   cond = DecoderCond(image_emb, text_emb, text_enc, text_mask)
   b, l = check_cond(text_proj, cond)
   emb, enc, mask = text_emb, text_enc, text_mask.astype(bool)
-  if guidance:
+  branches = int(guidance) if not isinstance(guidance, bool) else (2 if guidance else 1)
+  if branches not in (1, 2, 3):
+    raise ValueError(f"guidance must be a bool or 1, 2 or 3 branches, got {guidance!r}")
+  if branches > 1:
     e = text_proj.clip_embeddings_dim
     null = common.zeros_null_text(b, l, e) if null_text is None else common.broadcast_null(null_text, b, l, e)
-    emb = jnp.concatenate([null.emb.astype(emb.dtype), emb])
-    enc = jnp.concatenate([null.enc.astype(enc.dtype), enc])
-    mask = jnp.concatenate([null.mask, mask])
+    nulls = branches - 1
+    emb = jnp.concatenate([null.emb.astype(emb.dtype)] * nulls + [emb])
+    enc = jnp.concatenate([null.enc.astype(enc.dtype)] * nulls + [enc])
+    mask = jnp.concatenate([null.mask] * nulls + [mask])
+  if branches == 3:           # [cf; image; image] image embeddings: text_proj's CFG layout covers two branches only
+    image = jnp.concatenate([image_emb] * 3)
+    drop = jnp.concatenate([jnp.ones((b,), bool), jnp.full((2 * b,), not image_conditioning)])
+    return text_proj.apply({"params": params_text_proj}, image_embeddings=image, prompt_embeds=emb,
+                           text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=False,
+                           drop_image=drop, method=UnCLIPTextProj.conditioning)
   drop_image = None if image_conditioning else jnp.ones((b,), bool)
   return text_proj.apply({"params": params_text_proj}, image_embeddings=image_emb, prompt_embeds=emb,
-                         text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=guidance,
+                         text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=branches == 2,
                          drop_image=drop_image, method=UnCLIPTextProj.conditioning)
 
 
@@ -210,7 +223,8 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     x_T: [B, H, W, 3] initial noise.
     rng: per-step noise key: step i draws `samplers.step_noise(rng, i, x_T.shape, ...)` (RePaint:
       `samplers.repaint_keys`).
-    settings: guidance_scale != 1 runs the doubled batch; guidance on ε, variance from the cond half.
+    settings: guidance_scale != 1 runs the doubled batch, a text_guidance_scale the tripled one (see
+      `decoder_cond`); guidance on ε, variance from the cond rows. `settings_for(cfg)` reads both from a config.
     null_text: uncond text for `DecoderCond` (default zeros, see `decoder_cond`).
     inpaint_image: [B, H, W, 3] in [-1, 1]; inpaint_mask: [B, H, W, 1] or [B, H, W], 1 = known pixel.
     inpaint_method: one of INPAINT_METHODS (see the module docstring); resample_jumps: RePaint's r >= 1.
@@ -226,7 +240,7 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     raise ValueError(f"unknown inpaint_method {inpaint_method!r}; choose one of {INPAINT_METHODS}")
   conditioning = conditioning_of(unet)
   image, mask = common.check_inpaint(x_T, inpaint_image, inpaint_mask)
-  guidance = settings.guidance_scale != 1.0
+  branches = settings.branches
   b = x_T.shape[0]
   if isinstance(cond, DecoderCond):
     if text_proj is None:
@@ -234,14 +248,14 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     if cond.image_emb.shape[0] != b:
       raise ValueError(f"conditioning has {cond.image_emb.shape[0]} rows but x_T has batch {b}")
     kwargs = decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
-                          text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=guidance, null_text=null_text,
+                          text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=branches, null_text=null_text,
                           image_conditioning=image_conditioning)
   elif isinstance(cond, Mapping):
     kwargs = dict(cond)
-    rows = 2 * b if guidance else b
+    rows = branches * b
+    layout = {1: "B", 2: "[uncond; cond]", 3: "[uncond; image; cond]"}[branches]
     if _cond_rows(kwargs) != rows:
-      raise ValueError(f"prebuilt UNet kwargs must have {rows} rows ({'[uncond; cond]' if guidance else 'B'}), "
-                       f"got {_cond_rows(kwargs)}")
+      raise ValueError(f"prebuilt UNet kwargs must have {rows} rows ({layout}), got {_cond_rows(kwargs)}")
   else:
     raise ValueError(f"cond must be a DecoderCond or a mapping of UNet kwargs, got {type(cond).__name__}")
 
@@ -263,6 +277,13 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
   return jnp.clip(x0, -1.0, 1.0)
 
 
+def settings_for(cfg) -> samplers.SamplerSettings:
+  """The decoder's sampler settings from its config: the common ones plus `sampling.text_guidance_scale`."""
+  text_scale = cfg.sampling.text_guidance_scale
+  return dataclasses.replace(common.sampler_settings(cfg),
+                             text_guidance_scale=None if text_scale is None else float(text_scale))
+
+
 def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
                  diffusion: GaussianDiffusion | None = None, *, progress: Callable[[Any], None] | None = None,
                  sharding=None):
@@ -272,13 +293,13 @@ def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
   ("zeros"; "empty_prompt" requires `null_text`, the CLIP encoding of "").
   """
   diffusion = diffusion or GaussianDiffusion.from_config(cfg.diffusion)
-  settings = common.sampler_settings(cfg)
+  settings = settings_for(cfg)
   null_choice = common.check_null_text(cfg.null_text)
   inpaint_method = cfg.sampling.inpaint_method
   resample_jumps = int(cfg.sampling.resample_jumps)
 
   def run(params, cond, x_T, rng, null_text=None, inpaint_image=None, inpaint_mask=None):
-    if (null_text is None and null_choice == "empty_prompt" and settings.guidance_scale != 1.0
+    if (null_text is None and null_choice == "empty_prompt" and settings.branches > 1
         and isinstance(cond, DecoderCond)):
       raise ValueError("null_text='empty_prompt' needs null_text (the CLIP encoding of the empty prompt)")
     return sample(params, cond, x_T, rng, unet=unet, text_proj=text_proj, diffusion=diffusion,
