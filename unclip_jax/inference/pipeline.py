@@ -59,6 +59,39 @@ def data_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(list(devices)), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def default_batch_invariant() -> bool:
+  """Whether `UnCLIP(batch_invariant=None)` evaluates the networks one row at a time: on CPU yes (bitwise
+  batch-invariant images; see `row_by_row`), on accelerators no (they need the batch to be fast)."""
+  return jax.default_backend() == "cpu"
+
+
+def row_by_row(fn, shared: int, mesh: jax.sharding.Mesh):
+  """fn(*shared_args, *row_args) -> the same function computed one row at a time (traceable; jit the caller).
+
+  Every leaf of row_args has the batch as its leading axis [B, ...] (None leaves allowed); `jax.lax.map` calls fn on
+  [1, ...] slices and stacks its outputs [B, ...]. A row's arithmetic then has one fixed shape whatever B is, and so
+  whatever the batch size, device count, host count or resume point (XLA:CPU picks kernels and summation orders by
+  shape, e.g. YNNPACK reductions for larger batches only). When B divides over the mesh's "data" axis the rows are
+  split over its devices with `jax.shard_map` (each device maps over its own rows); else every device maps over all.
+  """
+  P = jax.sharding.PartitionSpec
+
+  def one_by_one(*args):
+    fixed, rows = args[:shared], args[shared:]
+
+    def body(row):
+      return jax.tree.map(lambda x: x[0], fn(*fixed, *jax.tree.map(lambda x: x[None], row)))
+    return jax.lax.map(body, rows)
+
+  def call(*args):
+    b = jax.tree.leaves(args[shared:])[0].shape[0]
+    if mesh.size > 1 and b % mesh.size == 0:
+      return jax.shard_map(one_by_one, mesh=mesh, in_specs=(P(),) * shared + (P("data"),) * (len(args) - shared),
+                           out_specs=P("data"))(*args)
+    return one_by_one(*args)
+  return call
+
+
 def with_sampling_overrides(cfg: mlc.ConfigDict, overrides: Mapping[str, Any] | None) -> mlc.ConfigDict:
   """A copy of a stage config with `sampling.<key>` (and the prior's `num_candidates`) replaced.
 
@@ -159,11 +192,14 @@ class UnCLIP:
     progress: show a progress bar per stage (from inside the jitted scans; results are unchanged).
     devices: where to run (default `default_devices()`): weights replicated, batches sharded by rows when the
       row count is a multiple of len(devices).
+    batch_invariant: evaluate every network one row at a time (`row_by_row`), so a row's image is bitwise the same
+      whatever the batch size or device count (with per-row keys); default `default_batch_invariant()` (on CPU).
   """
 
   def __init__(self, components: Mapping[str, tuple[mlc.ConfigDict, Params]], *,
                sampling: Mapping[str, Mapping[str, Any]] | None = None, dtype: str = "float32",
-               progress: bool = False, devices: Sequence[jax.Device] | None = None):
+               progress: bool = False, devices: Sequence[jax.Device] | None = None,
+               batch_invariant: bool | None = None):
     from unclip_jax.data import tokenizer as tokenizer_lib
 
     missing = [c for c in REQUIRED_COMPONENTS if c not in components]
@@ -175,6 +211,7 @@ class UnCLIP:
       raise KeyError(f"unknown sampling stage(s) {unknown}; choose from {SAMPLING_STAGES}")
     self.dtype = jnp.dtype(dtype)
     self.progress = progress
+    self.batch_invariant = default_batch_invariant() if batch_invariant is None else bool(batch_invariant)
     self.mesh = data_mesh(default_devices() if devices is None else devices)
     components = {name: (cfg, self._replicated(params)) for name, (cfg, params) in components.items()}
 
@@ -252,20 +289,32 @@ class UnCLIP:
     from unclip_jax.models.clip import CLIP
 
     clip = self.clip
-    self._encode_text = jax.jit(lambda p, ids: clip.apply({"params": p}, ids, method=CLIP.encode_text))
+    per_row = (lambda fn, shared: row_by_row(fn, shared, self.mesh)) if self.batch_invariant else (lambda fn, _: fn)
+    self._encode_text = jax.jit(per_row(lambda p, ids: clip.apply({"params": p}, ids, method=CLIP.encode_text), 1))
     if clip.config.vision is not None:
-      self._encode_image = jax.jit(lambda p, px: clip.apply({"params": p}, px, method=CLIP.encode_image)[0])
+      self._encode_image = jax.jit(per_row(lambda p, px: clip.apply({"params": p}, px, method=CLIP.encode_image)[0],
+                                           1))
 
     pc = self.prior_cfg
     prior_diffusion = GaussianDiffusion.from_config(pc.diffusion)
     prior_settings = common.sampler_settings(pc)
     prior_bar = self._bar(pc, "prior")
 
+    n = int(pc.num_candidates)
+
     def prior_fn(params, cond, rng, null, x_T):
       return prior_stage.sample(params, cond, rng, model=self.prior, diffusion=prior_diffusion, steps=pc.sampling.steps,
-                              settings=prior_settings, num_candidates=int(pc.num_candidates), null_cond=null,
-                              x_T=x_T, progress=prior_bar)
-    self._prior = jax.jit(prior_fn)
+                              settings=prior_settings, num_candidates=n, null_cond=null, x_T=x_T, progress=prior_bar)
+    prior_rows = per_row(lambda params, cond, rng, null, x_T: prior_fn(params, cond, rng, null,
+                                                                       None if x_T is None else x_T[0]), 1)
+
+    def prior_any(params, cond, rng, null, x_T):
+      if not (self.batch_invariant and samplers.is_row_keys(rng)):   # one key: the whole-batch draw
+        return prior_fn(params, cond, rng, null, x_T)
+      if x_T is not None:                                          # [n·B, E] candidate-major -> per row [B, n, E]
+        x_T = jnp.swapaxes(x_T.reshape(n, rng.shape[0], -1), 0, 1)
+      return prior_rows(params, cond, rng, null, x_T)
+    self._prior = jax.jit(prior_any)
 
     dc = self.decoder_cfg
     dec_diffusion = GaussianDiffusion.from_config(dc.diffusion)
@@ -279,7 +328,7 @@ class UnCLIP:
                                 null_text=null, inpaint_image=inpaint_image, inpaint_mask=inpaint_mask,
                                 inpaint_method=dc.sampling.inpaint_method,
                                 resample_jumps=int(dc.sampling.resample_jumps), progress=dec_bar)
-    self._decoder = jax.jit(decoder_fn)
+    self._decoder = jax.jit(self._keyed(decoder_fn, per_row(decoder_fn, 1), rng_arg=3))
 
     def invert_fn(params, cond, x0):
       kwargs = decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
@@ -287,7 +336,7 @@ class UnCLIP:
                                         guidance=False)
       model_fn = decoder_stage.model_fn_for(self.unet, params["unet"], kwargs)
       return samplers.ddim_invert(model_fn, x0, diffusion=dec_diffusion, steps=dc.sampling.steps)
-    self._invert = jax.jit(invert_fn)
+    self._invert = jax.jit(per_row(invert_fn, 1))
 
     if self.sr_cfg is not None:
       sc = self.sr_cfg
@@ -299,7 +348,14 @@ class UnCLIP:
         return upsampler_stage.sample(first, last, low_res, x_T, rng, unet=self.sr_unet, diffusion=sr_diffusion,
                                     steps=sc.sampling.steps, settings=sr_settings,
                                     resize_method=sc.model.resize_method, progress=sr_bar)
-      self._super_res = jax.jit(sr_fn)
+      self._super_res = jax.jit(self._keyed(sr_fn, per_row(sr_fn, 2), rng_arg=4))
+
+  def _keyed(self, batched, rows, rng_arg: int):
+    """`rows` (the row-by-row version) when this pipeline is batch invariant and args[rng_arg] holds per-row keys;
+    else `batched` (one key is a whole-batch draw, which a row-by-row call would repeat in every row)."""
+    def call(*args):
+      return (rows if self.batch_invariant and samplers.is_row_keys(args[rng_arg]) else batched)(*args)
+    return call
 
   def with_sampling(self, **stages: Mapping[str, Any]) -> "UnCLIP":
     """A pipeline sharing these weights whose named stages use other sampler settings, e.g.
@@ -342,6 +398,7 @@ class UnCLIP:
            "decoder": dict(self.decoder_cfg.sampling.to_dict(), null_text=self.decoder_cfg.null_text)}
     if self.sr_cfg is not None:
       out["super_res"] = dict(self.sr_cfg.sampling.to_dict(), last_step_model=bool(self.sr_cfg.last_step_model))
+    out["batch_invariant"] = self.batch_invariant
     return out
 
   # ---- stages ------------------------------------------------------------------------------------------------------
