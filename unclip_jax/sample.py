@@ -296,8 +296,8 @@ def _generate(args: argparse.Namespace, pipe, prompts, bundle_path: pathlib.Path
   out = pathlib.Path(args.out)
   record = dict(bundle=str(bundle_path.resolve()), bundle_json_sha256=_bundle_digest(bundle_path),
                 settings=pipe.settings(), seed=args.seed, dtype=str(pipe.dtype), candidates=args.candidates,
-                images_per_prompt=args.images_per_prompt, format=args.format, prompts_sha256=prompts.digest(),
-                num_prompts=len(prompts.captions))
+                images_per_prompt=args.images_per_prompt, format=args.format, batch_invariant=pipe.batch_invariant,
+                prompts_sha256=prompts.digest(), num_prompts=len(prompts.captions))
   # Batch-invariant sampling: the batch size does not change the images, and the job records rows, not batches,
   # so a rerun may use another --batch-size (and, for png, --shard-size); webdataset shards keep their size.
   layout = dict(batch_size=args.batch_size, shard_size=shard)

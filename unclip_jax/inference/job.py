@@ -179,7 +179,7 @@ class Job:
   grid_limit: int = 256
 
   def __post_init__(self):
-    self._done_units: dict[int, list[range]] | None = None
+    self._png_done: frozenset[int] | None = None
 
   def _done_marker(self, rows: range) -> pathlib.Path:
     return self.out / ".done" / f"{rows.start:08d}-{rows.stop:08d}.json"
@@ -209,19 +209,16 @@ class Job:
     if self.fmt == "webdataset":
       if self._shard(u).exists():
         return frozenset(rows)
-      recorded = self._ranges(self._partial_dir(u), ".tar")
+      done = frozenset(r for rng in self._ranges(self._partial_dir(u), ".tar") for r in rng)
     else:
-      if self._done_units is None:
+      if self._png_done is None:
         self._scan_done()
-      recorded = self._done_units.get(u, [])
-    return frozenset(r for rng in recorded for r in rng if r in rows)
+      done = self._png_done
+    return frozenset(r for r in rows if r in done)
 
   def _scan_done(self) -> None:
-    """Reads the png run's .done/ markers once (a marker's range lies inside one unit)."""
-    self._done_units = {}
-    if self.fmt == "png":
-      for rng in self._ranges(self.out / ".done", ".json"):
-        self._done_units.setdefault(rng.start // self.plan.shard_size, []).append(rng)
+    """Reads the png run's .done/ markers (their ranges may cross this run's units: png units are only a split)."""
+    self._png_done = frozenset(r for rng in self._ranges(self.out / ".done", ".json") for r in rng)
 
   def rows_done(self) -> int:
     """Rows of the whole run already recorded (any process)."""
