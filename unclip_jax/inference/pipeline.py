@@ -10,6 +10,10 @@ per batch shape. Randomness is explicit: `StageNoise` holds each stage's initial
 can be replayed exactly (or fed the noise a peer implementation drew). `UnCLIP.generate` gives every output row its
 own key, fold_in(fold_in(key(seed), prompt index), image index) (`StageNoise.from_row_keys`, `inference/batch.py`),
 so an image depends on the seed, its prompt's index and its image index, not on the batch it was sampled in.
+With `batch_invariant` (the default on CPU) every network also runs one row at a time (`row_by_row`: `lax.map` over
+the rows inside the jitted stage), so a row's arithmetic has the same shapes, and its image the same bits, whatever
+the batch size or device count; batched (the accelerator default), XLA picks kernels and summation orders by shape
+and images agree across batch shapes only within float rounding.
 
 The uncond branch of each guided stage sees what that model was trained with: the stage config's `null_text`
 ("zeros": zero text, every token masked; "empty_prompt": the CLIP encoding of "", as Karlo / diffusers).
@@ -59,10 +63,10 @@ def data_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(list(devices)), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def default_batch_invariant() -> bool:
-  """Whether `UnCLIP(batch_invariant=None)` evaluates the networks one row at a time: on CPU yes (bitwise
-  batch-invariant images; see `row_by_row`), on accelerators no (they need the batch to be fast)."""
-  return jax.default_backend() == "cpu"
+def default_batch_invariant(devices: Sequence[jax.Device]) -> bool:
+  """Whether `UnCLIP(batch_invariant=None)` evaluates the networks one row at a time: on CPU devices yes (bitwise
+  batch-invariant images at no measured cost; see `row_by_row`), on accelerators no (they need the batch)."""
+  return all(d.platform == "cpu" for d in devices)
 
 
 def row_by_row(fn, shared: int, mesh: jax.sharding.Mesh):
@@ -193,7 +197,7 @@ class UnCLIP:
     devices: where to run (default `default_devices()`): weights replicated, batches sharded by rows when the
       row count is a multiple of len(devices).
     batch_invariant: evaluate every network one row at a time (`row_by_row`), so a row's image is bitwise the same
-      whatever the batch size or device count (with per-row keys); default `default_batch_invariant()` (on CPU).
+      whatever the batch size or device count (with per-row keys); default `default_batch_invariant` (CPU: on).
   """
 
   def __init__(self, components: Mapping[str, tuple[mlc.ConfigDict, Params]], *,
@@ -211,8 +215,9 @@ class UnCLIP:
       raise KeyError(f"unknown sampling stage(s) {unknown}; choose from {SAMPLING_STAGES}")
     self.dtype = jnp.dtype(dtype)
     self.progress = progress
-    self.batch_invariant = default_batch_invariant() if batch_invariant is None else bool(batch_invariant)
     self.mesh = data_mesh(default_devices() if devices is None else devices)
+    self.batch_invariant = (default_batch_invariant(list(self.mesh.devices.flat)) if batch_invariant is None
+                            else bool(batch_invariant))
     components = {name: (cfg, self._replicated(params)) for name, (cfg, params) in components.items()}
 
     clip_cfg, self.clip_params = components["clip"]
@@ -477,7 +482,8 @@ class UnCLIP:
     prompt (DALL-E 2's reranking; needs the clip component's image tower). Batches of `batch_size` sampled rows
     (the last one padded, so each stage compiles once). Image k of prompt p draws from
     fold_in(fold_in(key(seed), p), k) only (`inference/batch.py`), so it does not depend on the batch size, the
-    devices or the other prompts (bitwise for one batch shape; within float rounding across batch shapes).
+    devices or the other prompts (bitwise with `batch_invariant`, the CPU default; else bitwise for one batch shape
+    and within float rounding across batch shapes).
     """
     from unclip_jax.inference import batch
 
