@@ -64,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
                       help="skip checking the bundle's files against the size + sha256 record in its bundle.json "
                            "(on by default, about 1 ms per MB: worth skipping only for multi-GB bundles); a damaged "
                            "bundle is otherwise an error naming the file")
+  common.add_argument("--batch-invariant", choices=("auto", "on", "off"), default="auto",
+                      help="evaluate the networks one row at a time, so an image is bitwise the same whatever the "
+                           "batch size, device or host count, or resume point (auto: on on CPU, where it costs "
+                           "little; off on accelerators, which need the batch to be fast)")
   common.add_argument("--no-progress", action="store_true", help="hide the per-stage progress bars")
   common.add_argument("--no-grid", action="store_true", help="do not write grid.png")
   _stage_flags(common)
@@ -243,7 +247,8 @@ def _run(args: argparse.Namespace) -> int:
 
   compilation_cache.enable(compilation_cache.resolve(args.compilation_cache, compilation_cache.default_dir()))
   pipe = UnCLIP.from_bundle(bundle_path, sampling=sampling_overrides(args), dtype=resolve_dtype(args.dtype),
-                            progress=not args.no_progress and args.command != "generate", verify=not args.no_verify)
+                            progress=not args.no_progress and args.command != "generate", verify=not args.no_verify,
+                            batch_invariant={"auto": None, "on": True, "off": False}[args.batch_invariant])
   base = dict(command=args.command, bundle=str(bundle_path), seed=args.seed, settings=pipe.settings())
   out = paths_lib.as_path(args.out)
   if args.command == "generate":
@@ -294,8 +299,12 @@ def _generate(args: argparse.Namespace, pipe, prompts, bundle_path: pathlib.Path
   out = pathlib.Path(args.out)
   record = dict(bundle=str(bundle_path.resolve()), bundle_json_sha256=_bundle_digest(bundle_path),
                 settings=pipe.settings(), seed=args.seed, dtype=str(pipe.dtype), candidates=args.candidates,
-                images_per_prompt=args.images_per_prompt, format=args.format, batch_size=args.batch_size,
-                shard_size=shard, prompts_sha256=prompts.digest(), num_prompts=len(prompts.captions))
+                images_per_prompt=args.images_per_prompt, format=args.format, batch_invariant=pipe.batch_invariant,
+                prompts_sha256=prompts.digest(), num_prompts=len(prompts.captions))
+  # Batch-invariant sampling: the batch size does not change the images, and the job records rows, not batches,
+  # so a rerun may use another --batch-size (and, for png, --shard-size); webdataset shards keep their size.
+  layout = dict(batch_size=args.batch_size, shard_size=shard)
+  record.update(layout if not pipe.batch_invariant else dict(shard_size=shard) if args.format == "webdataset" else {})
   manifest = dict(hash=job_lib.settings_hash(record), record=record, prompts_source=prompts.source,
                   images=len(plan.rows), units=plan.num_units)
   process, count = jax.process_index(), jax.process_count()

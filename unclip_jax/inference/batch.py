@@ -8,8 +8,9 @@ Row (p, k) — image k of prompt p — draws all its randomness from
 split per stage by `StageNoise.from_row_keys` (prior x_T and step noise, decoder x_T and step noise, super-res),
 and every stage draws its noise per row (`samplers.step_noise` with per-row keys). So image k of prompt p is a
 function of (seed, p, k, model, settings) only: the same for any batch size, device count, host count or resume
-point. Batches are padded to a fixed row count (the last, short one repeats its last row), so each stage
-compiles once per job.
+point — bitwise when the pipeline is `batch_invariant` (the CPU default: each network evaluated one row at a time),
+else within float rounding across batch shapes. Batches are padded to a fixed row count (the last, short one
+repeats its last row), so each stage compiles once per job.
 """
 from __future__ import annotations
 

@@ -3,14 +3,17 @@
   rows      (p, k) for every prompt p and image k < images_per_prompt, prompt-major; row r is output number r
   units     consecutive runs of `shard_size` rows (png: shard_size = batch_size); unit u belongs to process
             u % process_count, so every row is sampled by exactly one host
-  batches   each unit's rows in batches of `batch_size` (the last padded: one compile per job)
+  batches   a unit's rows not yet recorded, in contiguous runs cut into batches of ≤ `batch_size` (each padded to
+            batch_size by the sampler: one compile per job)
 
-Finished work is recorded as it is written, atomically (write to a temporary name, then rename): png format writes
-OUT/0000.png + 0000.json per row and OUT/.done/<unit>-<batch>.json after each batch; webdataset format stages
-each batch as OUT/.partial/<unit>/<batch>.tar and packs the unit into OUT/shard-000000.tar when it is complete.
-OUT/manifest.json holds a hash of everything that decides the images (model, settings, seed, prompts, layout);
-a rerun into the same folder skips the recorded work, and a rerun with other settings is refused. SIGTERM
-finishes the batch in flight, records it and exits with PREEMPTED_EXIT_CODE (143), as training does.
+Finished work is recorded as it is written, atomically (write to a temporary name, then rename), by row range
+[a, b): png format writes OUT/0000.png + 0000.json per row, then OUT/.done/<a>-<b>.json; webdataset format stages
+each batch as OUT/.partial/<unit>/<a>-<b>.tar and packs the unit into OUT/shard-000000.tar when it is complete.
+So a rerun skips exactly the recorded rows whatever batch size either run used (with batch-invariant sampling the
+batch size does not change the images, and `sample.py` then leaves it out of the manifest's hash). OUT/manifest.json
+holds a hash of everything that decides the images (model, settings, seed, prompts, layout); a rerun into the same
+folder skips the recorded work, and a rerun with other settings is refused. SIGTERM finishes the batch in flight,
+records it and exits with PREEMPTED_EXIT_CODE (143), as training does.
 """
 from __future__ import annotations
 
@@ -94,9 +97,16 @@ class Plan:
   def unit_rows(self, u: int) -> range:
     return range(u * self.shard_size, min((u + 1) * self.shard_size, len(self.rows)))
 
-  def batches(self, u: int) -> list[range]:
-    rows = self.unit_rows(u)
-    return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+  def batches(self, u: int, done: frozenset[int] = frozenset()) -> list[range]:
+    """Unit u's rows not in `done`, as contiguous ranges of ≤ batch_size rows."""
+    out, run = [], [r for r in self.unit_rows(u) if r not in done]
+    while run:
+      n = 1
+      while n < min(len(run), self.batch_size) and run[n] == run[0] + n:
+        n += 1
+      out.append(range(run[0], run[0] + n))
+      run = run[n:]
+    return out
 
   def units_of(self, process: int, count: int) -> list[int]:
     return list(range(process, self.num_units, count))
@@ -168,29 +178,52 @@ class Job:
   grid: bool = True
   grid_limit: int = 256
 
-  def _done_marker(self, u: int, b: int) -> pathlib.Path:
-    return self.out / ".done" / f"{u:06d}-{b:04d}.json"
+  def __post_init__(self):
+    self._png_done: frozenset[int] | None = None
+
+  def _done_marker(self, rows: range) -> pathlib.Path:
+    return self.out / ".done" / f"{rows.start:08d}-{rows.stop:08d}.json"
 
   def _shard(self, u: int) -> pathlib.Path:
     return self.out / f"shard-{u:06d}.tar"
 
-  def _partial(self, u: int, b: int) -> pathlib.Path:
-    return self.out / ".partial" / f"{u:06d}" / f"{b:04d}.tar"
+  def _partial_dir(self, u: int) -> pathlib.Path:
+    return self.out / ".partial" / f"{u:06d}"
 
-  def batch_done(self, u: int, b: int) -> bool:
+  def _partial(self, u: int, rows: range) -> pathlib.Path:
+    return self._partial_dir(u) / f"{rows.start:08d}-{rows.stop:08d}.tar"
+
+  @staticmethod
+  def _ranges(folder: pathlib.Path, suffix: str) -> list[range]:
+    """The row ranges named by folder/<a>-<b><suffix> files (recorded batches)."""
+    out = []
+    for f in sorted(folder.glob(f"*{suffix}")) if folder.is_dir() else []:
+      a, _, b = f.name[:-len(suffix)].partition("-")
+      if a.isdigit() and b.isdigit():
+        out.append(range(int(a), int(b)))
+    return out
+
+  def unit_done(self, u: int) -> frozenset[int]:
+    """Rows of unit u already recorded (by any process, with any batch size)."""
+    rows = self.plan.unit_rows(u)
     if self.fmt == "webdataset":
-      return self._shard(u).exists() or self._partial(u, b).exists()
-    return self._done_marker(u, b).exists()
+      if self._shard(u).exists():
+        return frozenset(rows)
+      done = frozenset(r for rng in self._ranges(self._partial_dir(u), ".tar") for r in rng)
+    else:
+      if self._png_done is None:
+        self._scan_done()
+      done = self._png_done
+    return frozenset(r for r in rows if r in done)
+
+  def _scan_done(self) -> None:
+    """Reads the png run's .done/ markers (their ranges may cross this run's units: png units are only a split)."""
+    self._png_done = frozenset(r for rng in self._ranges(self.out / ".done", ".json") for r in rng)
 
   def rows_done(self) -> int:
     """Rows of the whole run already recorded (any process)."""
-    n = 0
-    for u in range(self.plan.num_units):
-      if self.fmt == "webdataset" and self._shard(u).exists():
-        n += len(self.plan.unit_rows(u))
-        continue
-      n += sum(len(rows) for b, rows in enumerate(self.plan.batches(u)) if self.batch_done(u, b))
-    return n
+    self._scan_done()
+    return sum(len(self.unit_done(u)) for u in range(self.plan.num_units))
 
   def _metas(self, rows: range, result) -> list[dict]:
     out = []
@@ -200,24 +233,28 @@ class Job:
                       prompt_id=self.plan.prompts.ids[p], k=k, clip_score=score))
     return out
 
-  def _write_batch(self, u: int, b: int, rows: range, result) -> None:
+  def _write_batch(self, u: int, rows: range, result) -> None:
     metas = self._metas(rows, result)
     if self.fmt == "webdataset":
       members = []
       for r, image, meta in zip(rows, result.images, metas):
         key = wds_key(self.plan.prompts, *self.plan.rows[r])
         members += [(f"{key}.png", png_bytes(image)), (f"{key}.json", json.dumps(meta, default=str).encode())]
-      write_atomic(self._partial(u, b), tar_bytes(members))
+      write_atomic(self._partial(u, rows), tar_bytes(members))
       return
     for r, image, meta in zip(rows, result.images, metas):
       write_atomic(self.out / f"{row_name(r)}.png", png_bytes(image))
       write_atomic(self.out / f"{row_name(r)}.json", json.dumps(meta, indent=1, default=str).encode())
-    write_atomic(self._done_marker(u, b), json.dumps({"rows": [rows.start, rows.stop]}).encode())
+    write_atomic(self._done_marker(rows), json.dumps({"rows": [rows.start, rows.stop]}).encode())
 
   def _finish_unit(self, u: int) -> None:
     if self.fmt != "webdataset" or self._shard(u).exists():
       return
-    parts = [self._partial(u, b) for b in range(len(self.plan.batches(u)))]
+    staged = sorted(self._ranges(self._partial_dir(u), ".tar"), key=lambda rng: rng.start)
+    if [r for rng in staged for r in rng] != list(self.plan.unit_rows(u)):
+      raise RuntimeError(f"unit {u}: its staged batches in {self._partial_dir(u)} do not cover rows "
+                         f"{self.plan.unit_rows(u)} exactly once")
+    parts = [self._partial(u, rng) for rng in staged]
     members = [m for part in parts for m in tar_members(part)]
     write_atomic(self._shard(u), tar_bytes(members))
     for part in parts:
@@ -260,12 +297,10 @@ class Job:
       for u in self.plan.units_of(self.process, self.process_count):
         if self.fmt == "webdataset" and self._shard(u).exists():
           continue
-        for b, rows in enumerate(self.plan.batches(u)):
-          if self.batch_done(u, b):
-            continue
+        for rows in self.plan.batches(u, self.unit_done(u)):
           p = [self.plan.rows[r][0] for r in rows]
           result = self.sample([self.plan.prompts.captions[i] for i in p], p, [self.plan.rows[r][1] for r in rows])
-          self._write_batch(u, b, rows, result)
+          self._write_batch(u, rows, result)
           made += len(rows)
           self._report(made, time.perf_counter() - start)
           bar.n = min(already + made + self._others(), len(self.plan.rows))

@@ -10,6 +10,10 @@ per batch shape. Randomness is explicit: `StageNoise` holds each stage's initial
 can be replayed exactly (or fed the noise a peer implementation drew). `UnCLIP.generate` gives every output row its
 own key, fold_in(fold_in(key(seed), prompt index), image index) (`StageNoise.from_row_keys`, `inference/batch.py`),
 so an image depends on the seed, its prompt's index and its image index, not on the batch it was sampled in.
+With `batch_invariant` (the default on CPU) every network also runs one row at a time (`row_by_row`: `lax.map` over
+the rows inside the jitted stage), so a row's arithmetic has the same shapes, and its image the same bits, whatever
+the batch size or device count; batched (the accelerator default), XLA picks kernels and summation orders by shape
+and images agree across batch shapes only within float rounding.
 
 The uncond branch of each guided stage sees what that model was trained with: the stage config's `null_text`
 ("zeros": zero text, every token masked; "empty_prompt": the CLIP encoding of "", as Karlo / diffusers).
@@ -59,6 +63,39 @@ def data_mesh(devices: Sequence[jax.Device]) -> jax.sharding.Mesh:
   if not devices:
     raise ValueError("the pipeline needs at least one device")
   return jax.sharding.Mesh(np.asarray(list(devices)), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def default_batch_invariant(devices: Sequence[jax.Device]) -> bool:
+  """Whether `UnCLIP(batch_invariant=None)` evaluates the networks one row at a time: on CPU devices yes (bitwise
+  batch-invariant images at no measured cost; see `row_by_row`), on accelerators no (they need the batch)."""
+  return all(d.platform == "cpu" for d in devices)
+
+
+def row_by_row(fn, shared: int, mesh: jax.sharding.Mesh):
+  """fn(*shared_args, *row_args) -> the same function computed one row at a time (traceable; jit the caller).
+
+  Every leaf of row_args has the batch as its leading axis [B, ...] (None leaves allowed); `jax.lax.map` calls fn on
+  [1, ...] slices and stacks its outputs [B, ...]. A row's arithmetic then has one fixed shape whatever B is, and so
+  whatever the batch size, device count, host count or resume point (XLA:CPU picks kernels and summation orders by
+  shape, e.g. YNNPACK reductions for larger batches only). When B divides over the mesh's "data" axis the rows are
+  split over its devices with `jax.shard_map` (each device maps over its own rows); else every device maps over all.
+  """
+  P = jax.sharding.PartitionSpec
+
+  def one_by_one(*args):
+    fixed, rows = args[:shared], args[shared:]
+
+    def body(row):
+      return jax.tree.map(lambda x: x[0], fn(*fixed, *jax.tree.map(lambda x: x[None], row)))
+    return jax.lax.map(body, rows)
+
+  def call(*args):
+    b = jax.tree.leaves(args[shared:])[0].shape[0]
+    if mesh.size > 1 and b % mesh.size == 0:
+      return jax.shard_map(one_by_one, mesh=mesh, in_specs=(P(),) * shared + (P("data"),) * (len(args) - shared),
+                           out_specs=P("data"))(*args)
+    return one_by_one(*args)
+  return call
 
 
 def with_sampling_overrides(cfg: mlc.ConfigDict, overrides: Mapping[str, Any] | None) -> mlc.ConfigDict:
@@ -161,11 +198,14 @@ class UnCLIP:
     progress: show a progress bar per stage (from inside the jitted scans; results are unchanged).
     devices: where to run (default `default_devices()`): weights replicated, batches sharded by rows when the
       row count is a multiple of len(devices).
+    batch_invariant: evaluate every network one row at a time (`row_by_row`), so a row's image is bitwise the same
+      whatever the batch size or device count (with per-row keys); default `default_batch_invariant` (CPU: on).
   """
 
   def __init__(self, components: Mapping[str, tuple[mlc.ConfigDict, Params]], *,
                sampling: Mapping[str, Mapping[str, Any]] | None = None, dtype: str = "float32",
-               progress: bool = False, devices: Sequence[jax.Device] | None = None):
+               progress: bool = False, devices: Sequence[jax.Device] | None = None,
+               batch_invariant: bool | None = None):
     from unclip_jax.data import tokenizer as tokenizer_lib
 
     missing = [c for c in REQUIRED_COMPONENTS if c not in components]
@@ -178,6 +218,8 @@ class UnCLIP:
     self.dtype = jnp.dtype(dtype)
     self.progress = progress
     self.mesh = data_mesh(default_devices() if devices is None else devices)
+    self.batch_invariant = (default_batch_invariant(list(self.mesh.devices.flat)) if batch_invariant is None
+                            else bool(batch_invariant))
     components = {name: (cfg, self._replicated(params)) for name, (cfg, params) in components.items()}
 
     clip_cfg, self.clip_params = components["clip"]
@@ -265,20 +307,32 @@ class UnCLIP:
     from unclip_jax.models.clip import CLIP
 
     clip = self.clip
-    self._encode_text = jax.jit(lambda p, ids: clip.apply({"params": p}, ids, method=CLIP.encode_text))
+    per_row = (lambda fn, shared: row_by_row(fn, shared, self.mesh)) if self.batch_invariant else (lambda fn, _: fn)
+    self._encode_text = jax.jit(per_row(lambda p, ids: clip.apply({"params": p}, ids, method=CLIP.encode_text), 1))
     if clip.config.vision is not None:
-      self._encode_image = jax.jit(lambda p, px: clip.apply({"params": p}, px, method=CLIP.encode_image)[0])
+      self._encode_image = jax.jit(per_row(lambda p, px: clip.apply({"params": p}, px, method=CLIP.encode_image)[0],
+                                           1))
 
     pc = self.prior_cfg
     prior_diffusion = GaussianDiffusion.from_config(pc.diffusion)
     prior_settings = common.sampler_settings(pc)
     prior_bar = self._bar(pc, "prior")
 
+    n = int(pc.num_candidates)
+
     def prior_fn(params, cond, rng, null, x_T):
       return prior_stage.sample(params, cond, rng, model=self.prior, diffusion=prior_diffusion, steps=pc.sampling.steps,
-                              settings=prior_settings, num_candidates=int(pc.num_candidates), null_cond=null,
-                              x_T=x_T, progress=prior_bar)
-    self._prior = jax.jit(prior_fn)
+                              settings=prior_settings, num_candidates=n, null_cond=null, x_T=x_T, progress=prior_bar)
+    prior_rows = per_row(lambda params, cond, rng, null, x_T: prior_fn(params, cond, rng, null,
+                                                                       None if x_T is None else x_T[0]), 1)
+
+    def prior_any(params, cond, rng, null, x_T):
+      if not (self.batch_invariant and samplers.is_row_keys(rng)):   # one key: the whole-batch draw
+        return prior_fn(params, cond, rng, null, x_T)
+      if x_T is not None:                                          # [n·B, E] candidate-major -> per row [B, n, E]
+        x_T = jnp.swapaxes(x_T.reshape(n, rng.shape[0], -1), 0, 1)
+      return prior_rows(params, cond, rng, null, x_T)
+    self._prior = jax.jit(prior_any)
 
     dc = self.decoder_cfg
     dec_diffusion = GaussianDiffusion.from_config(dc.diffusion)
@@ -293,7 +347,7 @@ class UnCLIP:
                                 inpaint_method=dc.sampling.inpaint_method,
                                 resample_jumps=int(dc.sampling.resample_jumps),
                                 image_conditioning=bool(dc.image_conditioning), progress=dec_bar)
-    self._decoder = jax.jit(self._under_mesh(decoder_fn))
+    self._decoder = jax.jit(self._keyed(self._under_mesh(decoder_fn), per_row(decoder_fn, 1), rng_arg=3))
 
     def invert_fn(params, cond, x0):
       kwargs = decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
@@ -301,7 +355,7 @@ class UnCLIP:
                                         guidance=False, image_conditioning=bool(dc.image_conditioning))
       model_fn = decoder_stage.model_fn_for(self.unet, params["unet"], kwargs)
       return samplers.ddim_invert(model_fn, x0, diffusion=dec_diffusion, steps=dc.sampling.steps)
-    self._invert = jax.jit(self._under_mesh(invert_fn))
+    self._invert = jax.jit(per_row(invert_fn, 1) if self.batch_invariant else self._under_mesh(invert_fn))
 
     if self.sr_cfg is not None:
       sc = self.sr_cfg
@@ -313,7 +367,14 @@ class UnCLIP:
         return upsampler_stage.sample(first, last, low_res, x_T, rng, unet=self.sr_unet, diffusion=sr_diffusion,
                                     steps=sc.sampling.steps, settings=sr_settings,
                                     resize_method=sc.model.resize_method, progress=sr_bar)
-      self._super_res = jax.jit(self._under_mesh(sr_fn))
+      self._super_res = jax.jit(self._keyed(self._under_mesh(sr_fn), per_row(sr_fn, 2), rng_arg=4))
+
+  def _keyed(self, batched, rows, rng_arg: int):
+    """`rows` (the row-by-row version) when this pipeline is batch invariant and args[rng_arg] holds per-row keys;
+    else `batched` (one key is a whole-batch draw, which a row-by-row call would repeat in every row)."""
+    def call(*args):
+      return (rows if self.batch_invariant and samplers.is_row_keys(args[rng_arg]) else batched)(*args)
+    return call
 
   def with_sampling(self, **stages: Mapping[str, Any]) -> "UnCLIP":
     """A pipeline sharing these weights whose named stages use other sampler settings, e.g.
@@ -356,6 +417,7 @@ class UnCLIP:
            "decoder": dict(self.decoder_cfg.sampling.to_dict(), null_text=self.decoder_cfg.null_text)}
     if self.sr_cfg is not None:
       out["super_res"] = dict(self.sr_cfg.sampling.to_dict(), last_step_model=bool(self.sr_cfg.last_step_model))
+    out["batch_invariant"] = self.batch_invariant
     return out
 
   # ---- stages ------------------------------------------------------------------------------------------------------
@@ -434,7 +496,8 @@ class UnCLIP:
     prompt (DALL-E 2's reranking; needs the clip component's image tower). Batches of `batch_size` sampled rows
     (the last one padded, so each stage compiles once). Image k of prompt p draws from
     fold_in(fold_in(key(seed), p), k) only (`inference/batch.py`), so it does not depend on the batch size, the
-    devices or the other prompts (bitwise for one batch shape; within float rounding across batch shapes).
+    devices or the other prompts (bitwise with `batch_invariant`, the CPU default; else bitwise for one batch shape
+    and within float rounding across batch shapes).
     """
     from unclip_jax.inference import batch
 
