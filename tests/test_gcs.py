@@ -19,6 +19,11 @@ import jax
 import numpy as np
 import pytest
 
+# gcsfs >= 2025 asks GCS's gRPC control plane whether a bucket has a hierarchical namespace before listing it; the
+# emulator has no gRPC, so every listing blocked gcsfs's event loop on credential look-ups and gRPC retries (minutes
+# per call, never cached) -- the "hang". The plain GCSFileSystem is chosen when gcsfs is imported; the subprocesses
+# get the same setting through _env().
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (pip install -e .[test])")
 pytest.importorskip("gcsfs", reason="gcsfs is not installed (pip install -e .[test])")
 
@@ -38,7 +43,8 @@ def _free_port() -> int:
 
 def _env(port: int) -> dict[str, str]:
   url = f"http://127.0.0.1:{port}"
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "NO_GCE_CHECK": "True",
+  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "NO_GCE_CHECK": "true",
+          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
           "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9",
           "GOOGLE_CLOUD_PROJECT": "test"}
 
@@ -51,12 +57,19 @@ def _clear_gcsfs_cache():
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  """The emulator's environment (also set in os.environ for this process while the module runs)."""
+  """The emulator's environment (also set in os.environ for this process while the module runs).
+
+  This process also turns gcsfs's listings cache off: the tests look at objects that subprocesses write, which a
+  cached listing would hide.
+  """
+  import fsspec
+
   port = _free_port()
   log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"      # a file, not a pipe: it logs every request
   log_file = open(log_path, "wb")
   proc = subprocess.Popen([sys.executable, str(HERE / "gcs_emulator.py"), str(port), BUCKET],
                           stdout=log_file, stderr=subprocess.STDOUT)
+  saved_conf = {k: fsspec.config.conf.get(k) for k in ("gs", "gcs")}
   try:
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -72,6 +85,8 @@ def gcs(tmp_path_factory):
     env = _env(port)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    for k in saved_conf:
+      fsspec.config.conf[k] = dict(saved_conf[k] or {}, use_listings_cache=False)
     _clear_gcsfs_cache()
     yield env
   finally:
@@ -84,13 +99,12 @@ def gcs(tmp_path_factory):
           os.environ.pop(k, None)
         else:
           os.environ[k] = v
+    for k, v in saved_conf.items():
+      if v is None:
+        fsspec.config.conf.pop(k, None)
+      else:
+        fsspec.config.conf[k] = v
     _clear_gcsfs_cache()
-
-
-# Work in progress (#18): these tests hang against the emulator in this environment (run in-process, a gcsfs read
-# after several writes never returns; run as subprocesses, the first training job does not finish within the
-# limit), although the same flows passed by hand (train 12 steps into gs://, resume to 20). Skipped until fixed.
-HANGS = pytest.mark.skip(reason="hangs against gcp-storage-emulator (see comment above); #18 follow-up")
 
 
 def _url(*parts: str) -> str:
@@ -133,7 +147,13 @@ def _run_job(args, env):
 
 
 def _finish(proc, timeout=300):
-  out = proc.communicate(timeout=timeout)[0].decode(errors="replace")
+  """Waits for a job (killed after `timeout` s: a hang fails the test instead of blocking CI); returns its log."""
+  try:
+    out = proc.communicate(timeout=timeout)[0].decode(errors="replace")
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out = proc.communicate()[0].decode(errors="replace")
+    raise AssertionError(f"job did not finish in {timeout} s:\n{out[-4000:]}") from None
   assert proc.returncode == 0, out[-4000:]
   return out
 
@@ -146,12 +166,11 @@ def _assert_same(ref_npz, got_npz, steps):
 
 
 @pytest.mark.slow
-@HANGS
 def test_sigkill_in_bucket_then_resume_matches_uninterrupted_run(gcs, tmp_path):
   steps = 30
   reference = _run_job([tmp_path / "ref", steps, tmp_path / "ref.npz"], gcs)
   run = _url("killed")
-  victim = _run_job([run, steps, tmp_path / "run.npz", "--sleep", "0.1"], gcs)
+  victim = _run_job([run, steps, tmp_path / "run.npz", "--sleep", "0.3"], gcs)
   ckpts = epath.Path(run) / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline:
@@ -161,6 +180,7 @@ def test_sigkill_in_bucket_then_resume_matches_uninterrupted_run(gcs, tmp_path):
     assert victim.poll() is None, victim.communicate()[0].decode()[-3000:]
     time.sleep(0.2)
   else:
+    victim.kill()
     raise AssertionError("no checkpoint appeared in the bucket in time")
   victim.send_signal(signal.SIGKILL)
   victim.wait(timeout=60)
@@ -175,11 +195,10 @@ def test_sigkill_in_bucket_then_resume_matches_uninterrupted_run(gcs, tmp_path):
 
 
 @pytest.mark.slow
-@HANGS
 def test_damaged_step_in_bucket_is_moved_aside_and_resume_falls_back(gcs, tmp_path):
   reference = _run_job([tmp_path / "ref", 12, tmp_path / "ref.npz"], gcs)
   run = _url("damaged_run")
-  _finish(_run_job([run, 10, tmp_path / "first.npz"], gcs))           # checkpoints 5 and 10
+  _finish(_run_job([run, 12, tmp_path / "first.npz", "--max-steps", 10], gcs))    # checkpoints 5 and 10
   step10 = epath.Path(run) / "checkpoints" / "10"
   record = json.loads((step10 / "integrity.json").read_text())
   victim = sorted(f for f in record["files"] if f.startswith("state/"))[0]
@@ -195,7 +214,6 @@ def test_damaged_step_in_bucket_is_moved_aside_and_resume_falls_back(gcs, tmp_pa
 
 
 @pytest.mark.slow
-@HANGS
 def test_dataset_built_into_bucket_trains_and_exports_to_bucket(gcs, tmp_path):
   from unclip_jax import bundle
   from unclip_jax.data import builders, pipeline
@@ -236,7 +254,6 @@ def test_dataset_built_into_bucket_trains_and_exports_to_bucket(gcs, tmp_path):
   assert cfg2.stage == "prior" and bundle.verify_bundle(_url("bundle_prior")) == ["prior"]
 
 
-@HANGS
 def test_bundle_in_bucket_samples_into_bucket(gcs, tmp_path, capsys):
   import helpers
   from unclip_jax import bundle, sample
