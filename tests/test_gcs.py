@@ -254,28 +254,80 @@ def test_dataset_built_into_bucket_trains_and_exports_to_bucket(gcs, tmp_path):
   assert cfg2.stage == "prior" and bundle.verify_bundle(_url("bundle_prior")) == ["prior"]
 
 
-def test_bundle_in_bucket_samples_into_bucket(gcs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def remote_bundle(gcs, tmp_path_factory):
+  """A tiny bundle (clip, prior, decoder) written into the bucket component by component."""
   import helpers
-  from unclip_jax import bundle, sample
+  from unclip_jax import bundle
 
-  local = helpers.build_tiny_bundle(tmp_path / "bundle", super_res=False)
+  local = helpers.build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "bundle", super_res=False)
   remote = _url("bundle")
   for name in bundle.list_components(local):
     cfg, params = bundle.load_component(local, name)
     bundle.save_component(remote, name, cfg, params)
-  assert bundle.read_manifest(remote)["components"] == ["clip", "prior", "decoder"]
-  assert bundle.verify_bundle(remote) == ["clip", "prior", "decoder"]
+  return remote
+
+
+def test_bundle_in_bucket_round_trips_and_damage_is_caught(remote_bundle):
+  from unclip_jax import bundle
+
+  assert bundle.read_manifest(remote_bundle)["components"] == ["clip", "prior", "decoder"]
+  assert bundle.verify_bundle(remote_bundle) == ["clip", "prior", "decoder"]
+  cfg, params = bundle.load_component(remote_bundle, "prior")
+  assert cfg.stage == "prior" and jax.tree.leaves(params)
+  copy = _url("bundle_damaged")
+  paths.copy_tree(remote_bundle, copy)
+  (epath.Path(copy) / "prior" / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="damaged"):
+    bundle.load_component(copy, "prior")
+  assert not pathlib.Path("gs:").exists(), "a URL must never become a local folder"
+
+
+@pytest.mark.slow
+def test_bundle_in_bucket_samples_into_bucket(remote_bundle, capsys):
+  from unclip_jax import sample
+
   # An unreachable --out fails before the model loads.
-  assert sample.main(["--prompt", "x", "--out", "gs://no-such-bucket/o", "--bundle", remote]) == 2
+  assert sample.main(["--prompt", "x", "--out", "gs://no-such-bucket/o", "--bundle", remote_bundle]) == 2
   assert "--out gs://no-such-bucket/o cannot be written" in capsys.readouterr().err
   out = _url("samples")
-  assert sample.main(["--prompt", "a red circle", "--out", out, "--bundle", remote, "--prior-steps", "3",
+  assert sample.main(["--prompt", "a red circle", "--out", out, "--bundle", remote_bundle, "--prior-steps", "3",
                       "--decoder-steps", "3", "--no-progress", "--compilation-cache", ""]) == 0
   written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert written["out"] == out and written["written"] == 1
-  assert (epath.Path(out) / "0000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert (epath.Path(out) / "grid.png").is_file() and (epath.Path(out) / "0000.json").is_file()
-  # A damaged file in the bucket is caught by the manifest check.
-  (epath.Path(remote) / "prior" / "config.json").write_text("{}")
-  with pytest.raises(ValueError, match="damaged"):
-    bundle.load_component(remote, "prior")
+  root = epath.Path(out)
+  assert (root / "0000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (root / "grid.png").is_file() and json.loads((root / "0000.json").read_text())["prompt"] == "a red circle"
+  assert json.loads((root / "manifest.json").read_text())["images"] == 1
+  assert json.loads((root / "summary.json").read_text())["images"] == 1
+  assert not pathlib.Path("gs:").exists(), "a URL must never become a local folder"
+
+
+# ---- several hosts ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_train_into_the_bucket_and_resume(gcs, tmp_path):
+  """launch/gpu.sh, 2 CPU processes of 4 devices (one 8-device mesh), --workdir in the bucket: each process writes
+  its own array shards, process 0 the shared files; a second launch resumes from the bucket on both processes."""
+  import helpers
+
+  data = helpers.random_embeddings_dataset(tmp_path)
+  run = _url("two_hosts")
+  logs = helpers.two_process_train(run, data, "--config.num_train_steps=3", log_dir=tmp_path / "logs1",
+                                   timeout=480)
+  for i in range(2):
+    assert f"process {i} of 2, 4 local / 8 global devices" in logs[i] and "finished prior at step 3" in logs[i]
+  root = epath.Path(run)
+  step = root / "checkpoints" / "3"
+  assert (step / "commit_success.txt").is_file() and (step / "integrity.json").is_file()
+  shards = sorted(p.name for p in (step / "state").iterdir() if p.name.startswith("ocdbt.process_"))
+  assert shards == ["ocdbt.process_0", "ocdbt.process_1"], shards
+  record = json.loads((step / "integrity.json").read_text())
+  assert any(f.startswith("state/ocdbt.process_1/") for f in record["files"]), "process 1's shards are recorded"
+  events = list((root / "tensorboard").iterdir())
+  assert len(events) == 1, f"only process 0 writes TensorBoard events: {events}"
+  logs = helpers.two_process_train(run, data, "--config.num_train_steps=5", log_dir=tmp_path / "logs2",
+                                   timeout=480)
+  for i in range(2):
+    assert "resumed from step 3" in logs[i] and "finished prior at step 5" in logs[i]
+  assert (root / "checkpoints" / "5" / "integrity.json").is_file()
+  assert not pathlib.Path("gs:").exists() and not (helpers.ROOT / "gs:").exists()
