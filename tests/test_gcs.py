@@ -268,18 +268,23 @@ def remote_bundle(gcs, tmp_path_factory):
   return remote
 
 
-def test_bundle_in_bucket_round_trips_and_damage_is_caught(remote_bundle):
+def test_bundle_component_in_bucket_round_trips_and_damage_is_caught(gcs):
+  import helpers
   from unclip_jax import bundle
+  from unclip_jax.stages import builders
 
-  assert bundle.read_manifest(remote_bundle)["components"] == ["clip", "prior", "decoder"]
-  assert bundle.verify_bundle(remote_bundle) == ["clip", "prior", "decoder"]
-  cfg, params = bundle.load_component(remote_bundle, "prior")
-  assert cfg.stage == "prior" and jax.tree.leaves(params)
-  copy = _url("bundle_damaged")
-  paths.copy_tree(remote_bundle, copy)
-  (epath.Path(copy) / "prior" / "config.json").write_text("{}")
+  _, prior_cfg, _, _ = helpers.tiny_configs()
+  params = builders.init_prior(builders.prior(prior_cfg.model), jax.random.key(0))
+  remote = _url("bundle_one")
+  bundle.save_component(remote, "prior", prior_cfg, params)
+  assert bundle.verify_bundle(remote) == ["prior"]
+  cfg, loaded = bundle.load_component(remote, "prior")
+  assert cfg.stage == "prior"
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+  (epath.Path(remote) / "prior" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="damaged"):
-    bundle.load_component(copy, "prior")
+    bundle.load_component(remote, "prior")
   assert not pathlib.Path("gs:").exists(), "a URL must never become a local folder"
 
 
@@ -290,6 +295,9 @@ def test_bundle_in_bucket_samples_into_bucket(remote_bundle, capsys):
   # An unreachable --out fails before the model loads.
   assert sample.main(["--prompt", "x", "--out", "gs://no-such-bucket/o", "--bundle", remote_bundle]) == 2
   assert "--out gs://no-such-bucket/o cannot be written" in capsys.readouterr().err
+  from unclip_jax import bundle
+
+  assert bundle.verify_bundle(remote_bundle) == ["clip", "prior", "decoder"]
   out = _url("samples")
   assert sample.main(["--prompt", "a red circle", "--out", out, "--bundle", remote_bundle, "--prior-steps", "3",
                       "--decoder-steps", "3", "--no-progress", "--compilation-cache", ""]) == 0
