@@ -4,7 +4,8 @@
 #   node r of N:             NNODES=N NODE_RANK=r COORDINATOR=node0:12355 bash launch/gpu.sh --config=... --workdir=...
 #   (SLURM: `srun` one task per GPU running `bash launch/run.sh ...` instead; jax detects SLURM by itself.)
 #   batch sampling:          UNCLIP_MODULE=unclip_jax.sample LOG_DIR=out/logs bash launch/gpu.sh --prompts-file p.txt --out out/
-# Env: NPROC (processes on this node; default: number of GPUs from nvidia-smi), LOG_DIR (default WORKDIR/logs),
+# Env: NPROC (processes on this node; default: number of GPUs from nvidia-smi), LOG_DIR (default WORKDIR/logs;
+#      ./logs when WORKDIR is a URL such as gs://bucket/run: the process logs are local files),
 #      UNCLIP_LAUNCH_CPU=1 to run the same topology on CPU devices (used by the tests; 4 devices per process).
 # Process i of this node gets JAX_PROCESS_ID=NODE_RANK*NPROC+i and sees only GPU i (JAX_LOCAL_DEVICE_IDS=i).
 # Every process's output goes to LOG_DIR/process_<id>.log; process 0's is also shown here. If one process fails,
@@ -22,7 +23,7 @@ coordinator="${COORDINATOR:-127.0.0.1:$(( 20000 + RANDOM % 20000 ))}"
 (( nnodes == 1 )) || [[ -n "${COORDINATOR:-}" ]] || { echo "gpu.sh: NNODES>1 needs COORDINATOR=host:port" >&2; exit 2; }
 workdir=""
 for arg in "$@"; do [[ "$arg" == --workdir=* ]] && workdir="${arg#--workdir=}"; [[ "$arg" == --out=* ]] && workdir="${arg#--out=}"; done
-log_dir="${LOG_DIR:-${workdir:-.}/logs}"
+if [[ "$workdir" == *://* ]]; then log_dir="${LOG_DIR:-logs}"; else log_dir="${LOG_DIR:-${workdir:-.}/logs}"; fi
 mkdir -p "$log_dir"
 
 pids=()

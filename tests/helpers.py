@@ -274,9 +274,10 @@ def random_embeddings_dataset(tmp_path, n=32, e=32, length=16):
        "text_mask": np.ones((n, length), bool)}, tmp_path, "emb")
 
 
-def two_process_train(workdir, data_dir, *overrides, timeout=600):
+def two_process_train(workdir, data_dir, *overrides, timeout=600, log_dir=None):
   """`launch/gpu.sh` training the tiny prior in 2 CPU processes of 4 devices each (one 8-device mesh, data 4 x fsdp
-  2). Returns {process index: its log text}; asserts the run succeeded."""
+  2). The process logs go to `log_dir` (default WORKDIR/logs; give one for a gs:// workdir). Returns {process
+  index: its log text}; asserts the run succeeded."""
   import os
   import subprocess
   import sys
@@ -284,12 +285,14 @@ def two_process_train(workdir, data_dir, *overrides, timeout=600):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(UNCLIP_LAUNCH_CPU="1", NPROC="2", CPU_DEVICES="4",
              UNCLIP_VENV=str(pathlib.Path(sys.executable).parent.parent))
+  log_dir = pathlib.Path(log_dir) if log_dir else pathlib.Path(workdir) / "logs"
+  env["LOG_DIR"] = str(log_dir)
   cmd = ["bash", str(ROOT / "launch" / "gpu.sh"), f"--config={ROOT}/configs/prior.py:tiny", f"--workdir={workdir}",
          f"--config.data.dirs=('{data_dir}',)", "--config.stats_examples=8", "--config.dtype=float32",
          "--config.log_every=1", "--config.eval_every=0", "--config.mesh.data=4", "--config.mesh.fsdp=2",
          *overrides]
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-  logs = {i: (pathlib.Path(workdir) / "logs" / f"process_{i}.log").read_text() for i in range(2)}
+  logs = {i: (log_dir / f"process_{i}.log").read_text() for i in range(2)}
   assert out.returncode == 0, out.stderr[-2000:] + logs[0][-3000:] + logs[1][-3000:]
   return logs
 

@@ -19,6 +19,11 @@ import jax
 import numpy as np
 import pytest
 
+# gcsfs >= 2025 asks GCS's gRPC control plane whether a bucket has a hierarchical namespace before listing it; the
+# emulator has no gRPC, so every listing blocked gcsfs's event loop on credential look-ups and gRPC retries (minutes
+# per call, never cached) -- the "hang". The plain GCSFileSystem is chosen when gcsfs is imported; the subprocesses
+# get the same setting through _env().
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed (pip install -e .[test])")
 pytest.importorskip("gcsfs", reason="gcsfs is not installed (pip install -e .[test])")
 
@@ -38,7 +43,8 @@ def _free_port() -> int:
 
 def _env(port: int) -> dict[str, str]:
   url = f"http://127.0.0.1:{port}"
-  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "NO_GCE_CHECK": "True",
+  return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "NO_GCE_CHECK": "true",
+          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
           "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9",
           "GOOGLE_CLOUD_PROJECT": "test"}
 
@@ -51,12 +57,19 @@ def _clear_gcsfs_cache():
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-  """The emulator's environment (also set in os.environ for this process while the module runs)."""
+  """The emulator's environment (also set in os.environ for this process while the module runs).
+
+  This process also turns gcsfs's listings cache off: the tests look at objects that subprocesses write, which a
+  cached listing would hide.
+  """
+  import fsspec
+
   port = _free_port()
   log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"      # a file, not a pipe: it logs every request
   log_file = open(log_path, "wb")
   proc = subprocess.Popen([sys.executable, str(HERE / "gcs_emulator.py"), str(port), BUCKET],
                           stdout=log_file, stderr=subprocess.STDOUT)
+  saved_conf = {k: fsspec.config.conf.get(k) for k in ("gs", "gcs")}
   try:
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -72,6 +85,8 @@ def gcs(tmp_path_factory):
     env = _env(port)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    for k in saved_conf:
+      fsspec.config.conf[k] = dict(saved_conf[k] or {}, use_listings_cache=False)
     _clear_gcsfs_cache()
     yield env
   finally:
@@ -84,13 +99,12 @@ def gcs(tmp_path_factory):
           os.environ.pop(k, None)
         else:
           os.environ[k] = v
+    for k, v in saved_conf.items():
+      if v is None:
+        fsspec.config.conf.pop(k, None)
+      else:
+        fsspec.config.conf[k] = v
     _clear_gcsfs_cache()
-
-
-# Work in progress (#18): these tests hang against the emulator in this environment (run in-process, a gcsfs read
-# after several writes never returns; run as subprocesses, the first training job does not finish within the
-# limit), although the same flows passed by hand (train 12 steps into gs://, resume to 20). Skipped until fixed.
-HANGS = pytest.mark.skip(reason="hangs against gcp-storage-emulator (see comment above); #18 follow-up")
 
 
 def _url(*parts: str) -> str:
@@ -133,7 +147,13 @@ def _run_job(args, env):
 
 
 def _finish(proc, timeout=300):
-  out = proc.communicate(timeout=timeout)[0].decode(errors="replace")
+  """Waits for a job (killed after `timeout` s: a hang fails the test instead of blocking CI); returns its log."""
+  try:
+    out = proc.communicate(timeout=timeout)[0].decode(errors="replace")
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out = proc.communicate()[0].decode(errors="replace")
+    raise AssertionError(f"job did not finish in {timeout} s:\n{out[-4000:]}") from None
   assert proc.returncode == 0, out[-4000:]
   return out
 
@@ -146,12 +166,11 @@ def _assert_same(ref_npz, got_npz, steps):
 
 
 @pytest.mark.slow
-@HANGS
 def test_sigkill_in_bucket_then_resume_matches_uninterrupted_run(gcs, tmp_path):
   steps = 30
   reference = _run_job([tmp_path / "ref", steps, tmp_path / "ref.npz"], gcs)
   run = _url("killed")
-  victim = _run_job([run, steps, tmp_path / "run.npz", "--sleep", "0.1"], gcs)
+  victim = _run_job([run, steps, tmp_path / "run.npz", "--sleep", "0.3"], gcs)
   ckpts = epath.Path(run) / "checkpoints"
   deadline = time.time() + 240
   while time.time() < deadline:
@@ -161,6 +180,7 @@ def test_sigkill_in_bucket_then_resume_matches_uninterrupted_run(gcs, tmp_path):
     assert victim.poll() is None, victim.communicate()[0].decode()[-3000:]
     time.sleep(0.2)
   else:
+    victim.kill()
     raise AssertionError("no checkpoint appeared in the bucket in time")
   victim.send_signal(signal.SIGKILL)
   victim.wait(timeout=60)
@@ -175,11 +195,10 @@ def test_sigkill_in_bucket_then_resume_matches_uninterrupted_run(gcs, tmp_path):
 
 
 @pytest.mark.slow
-@HANGS
 def test_damaged_step_in_bucket_is_moved_aside_and_resume_falls_back(gcs, tmp_path):
   reference = _run_job([tmp_path / "ref", 12, tmp_path / "ref.npz"], gcs)
   run = _url("damaged_run")
-  _finish(_run_job([run, 10, tmp_path / "first.npz"], gcs))           # checkpoints 5 and 10
+  _finish(_run_job([run, 12, tmp_path / "first.npz", "--max-steps", 10], gcs))    # checkpoints 5 and 10
   step10 = epath.Path(run) / "checkpoints" / "10"
   record = json.loads((step10 / "integrity.json").read_text())
   victim = sorted(f for f in record["files"] if f.startswith("state/"))[0]
@@ -195,7 +214,6 @@ def test_damaged_step_in_bucket_is_moved_aside_and_resume_falls_back(gcs, tmp_pa
 
 
 @pytest.mark.slow
-@HANGS
 def test_dataset_built_into_bucket_trains_and_exports_to_bucket(gcs, tmp_path):
   from unclip_jax import bundle
   from unclip_jax.data import builders, pipeline
@@ -236,29 +254,88 @@ def test_dataset_built_into_bucket_trains_and_exports_to_bucket(gcs, tmp_path):
   assert cfg2.stage == "prior" and bundle.verify_bundle(_url("bundle_prior")) == ["prior"]
 
 
-@HANGS
-def test_bundle_in_bucket_samples_into_bucket(gcs, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def remote_bundle(gcs, tmp_path_factory):
+  """A tiny bundle (clip, prior, decoder) written into the bucket component by component."""
   import helpers
-  from unclip_jax import bundle, sample
+  from unclip_jax import bundle
 
-  local = helpers.build_tiny_bundle(tmp_path / "bundle", super_res=False)
+  local = helpers.build_tiny_bundle(tmp_path_factory.mktemp("bundle") / "bundle", super_res=False)
   remote = _url("bundle")
   for name in bundle.list_components(local):
     cfg, params = bundle.load_component(local, name)
     bundle.save_component(remote, name, cfg, params)
-  assert bundle.read_manifest(remote)["components"] == ["clip", "prior", "decoder"]
-  assert bundle.verify_bundle(remote) == ["clip", "prior", "decoder"]
-  # An unreachable --out fails before the model loads.
-  assert sample.main(["--prompt", "x", "--out", "gs://no-such-bucket/o", "--bundle", remote]) == 2
-  assert "--out gs://no-such-bucket/o cannot be written" in capsys.readouterr().err
-  out = _url("samples")
-  assert sample.main(["--prompt", "a red circle", "--out", out, "--bundle", remote, "--prior-steps", "3",
-                      "--decoder-steps", "3", "--no-progress", "--compilation-cache", ""]) == 0
-  written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert written["out"] == out and written["written"] == 1
-  assert (epath.Path(out) / "0000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert (epath.Path(out) / "grid.png").is_file() and (epath.Path(out) / "0000.json").is_file()
-  # A damaged file in the bucket is caught by the manifest check.
+  return remote
+
+
+def test_bundle_component_in_bucket_round_trips_and_damage_is_caught(gcs):
+  import helpers
+  from unclip_jax import bundle
+  from unclip_jax.stages import builders
+
+  _, prior_cfg, _, _ = helpers.tiny_configs()
+  params = builders.init_prior(builders.prior(prior_cfg.model), jax.random.key(0))
+  remote = _url("bundle_one")
+  bundle.save_component(remote, "prior", prior_cfg, params)
+  assert bundle.verify_bundle(remote) == ["prior"]
+  cfg, loaded = bundle.load_component(remote, "prior")
+  assert cfg.stage == "prior"
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
   (epath.Path(remote) / "prior" / "config.json").write_text("{}")
   with pytest.raises(ValueError, match="damaged"):
     bundle.load_component(remote, "prior")
+  assert not pathlib.Path("gs:").exists(), "a URL must never become a local folder"
+
+
+@pytest.mark.slow
+def test_bundle_in_bucket_samples_into_bucket(remote_bundle, capsys):
+  from unclip_jax import sample
+
+  # An unreachable --out fails before the model loads.
+  assert sample.main(["--prompt", "x", "--out", "gs://no-such-bucket/o", "--bundle", remote_bundle]) == 2
+  assert "--out gs://no-such-bucket/o cannot be written" in capsys.readouterr().err
+  from unclip_jax import bundle
+
+  assert bundle.verify_bundle(remote_bundle) == ["clip", "prior", "decoder"]
+  out = _url("samples")
+  assert sample.main(["--prompt", "a red circle", "--out", out, "--bundle", remote_bundle, "--prior-steps", "3",
+                      "--decoder-steps", "3", "--no-progress", "--compilation-cache", ""]) == 0
+  written = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert written["out"] == out and written["written"] == 1
+  root = epath.Path(out)
+  assert (root / "0000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (root / "grid.png").is_file() and json.loads((root / "0000.json").read_text())["prompt"] == "a red circle"
+  assert json.loads((root / "manifest.json").read_text())["images"] == 1
+  assert json.loads((root / "summary.json").read_text())["images"] == 1
+  assert not pathlib.Path("gs:").exists(), "a URL must never become a local folder"
+
+
+# ---- several hosts ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_train_into_the_bucket_and_resume(gcs, tmp_path):
+  """launch/gpu.sh, 2 CPU processes of 4 devices (one 8-device mesh), --workdir in the bucket: each process writes
+  its own array shards, process 0 the shared files; a second launch resumes from the bucket on both processes."""
+  import helpers
+
+  data = helpers.random_embeddings_dataset(tmp_path)
+  run = _url("two_hosts")
+  logs = helpers.two_process_train(run, data, "--config.num_train_steps=3", log_dir=tmp_path / "logs1",
+                                   timeout=480)
+  for i in range(2):
+    assert f"process {i} of 2, 4 local / 8 global devices" in logs[i] and "finished prior at step 3" in logs[i]
+  root = epath.Path(run)
+  step = root / "checkpoints" / "3"
+  assert (step / "commit_success.txt").is_file() and (step / "integrity.json").is_file()
+  shards = sorted(p.name for p in (step / "state").iterdir() if p.name.startswith("ocdbt.process_"))
+  assert shards == ["ocdbt.process_0", "ocdbt.process_1"], shards
+  record = json.loads((step / "integrity.json").read_text())
+  assert any(f.startswith("state/ocdbt.process_1/") for f in record["files"]), "process 1's shards are recorded"
+  events = list((root / "tensorboard").iterdir())
+  assert len(events) == 1, f"only process 0 writes TensorBoard events: {events}"
+  logs = helpers.two_process_train(run, data, "--config.num_train_steps=5", log_dir=tmp_path / "logs2",
+                                   timeout=480)
+  for i in range(2):
+    assert "resumed from step 3" in logs[i] and "finished prior at step 5" in logs[i]
+  assert (root / "checkpoints" / "5" / "integrity.json").is_file()
+  assert not pathlib.Path("gs:").exists() and not (helpers.ROOT / "gs:").exists()

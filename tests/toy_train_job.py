@@ -1,6 +1,6 @@
 """A tiny training job run as a subprocess by test_train_loop.py (killed, preempted, resumed).
 
-  python tests/toy_train_job.py WORKDIR NUM_STEPS OUT.npz [--sleep S]
+  python tests/toy_train_job.py WORKDIR NUM_STEPS OUT.npz [--sleep S] [--max-steps N]
 """
 import argparse
 import pathlib
@@ -80,8 +80,9 @@ def main():
   parser.add_argument("num_steps", type=int)
   parser.add_argument("out")
   parser.add_argument("--sleep", type=float, default=0.0)
+  parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (of NUM_STEPS)")
   args = parser.parse_args()
-  state = loop.train(make_config(args.num_steps), args.workdir, make_task(args.sleep))
+  state = loop.train(make_config(args.num_steps), args.workdir, make_task(args.sleep), max_steps=args.max_steps)
   flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
   np.savez(args.out, step=int(state.step), **flat)
 

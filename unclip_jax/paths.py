@@ -17,7 +17,7 @@ import pathlib
 import re
 import shutil
 import uuid
-from typing import Union
+from typing import Any, Iterator, Union
 
 from etils import epath
 
@@ -74,17 +74,36 @@ def check_reachable(path: PathLike, what: str, *, write: bool = False):
   return p
 
 
+def walk_files(root: PathLike) -> Iterator[tuple[str, Any]]:
+  """(relative "/"-separated path, path object) of every file below the folder `root` (local or URL), sorted.
+
+  Works where `glob("**")` does not (etils refuses recursive globs on gs://).
+  """
+  def walk(p, rel):
+    for child in sorted(p.iterdir(), key=lambda c: c.name):
+      if child.is_dir():
+        yield from walk(child, f"{rel}{child.name}/")
+      else:
+        yield f"{rel}{child.name}", child
+
+  yield from walk(as_path(root), "")
+
+
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` so a reader sees the old content or the new, never a partial file.
 
-  Local: a temporary file then `os.replace`. URL: one upload of the final object (object writes are atomic).
+  Local: a temporary sibling (unique to this process), flushed to disk, then `os.replace`. URL: one upload of the
+  final object (object writes are atomic).
   """
   p = as_path(path)
   if is_remote(p):
     p.write_bytes(data)
     return
-  tmp = p.with_name(p.name + ".tmp")
-  tmp.write_bytes(data)
+  tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, p)
 
 
@@ -138,16 +157,7 @@ def stage_locally(url: PathLike, cache: PathLike | None = None) -> pathlib.Path:
   root = pathlib.Path(cache) if cache else default_cache_root() / "staged"
   key = hashlib.sha256(str(src).rstrip("/").encode()).hexdigest()[:16]
   dest = root / key / src.name
-  files = {}
-
-  def walk(p, rel=""):
-    for child in p.iterdir():
-      if child.is_dir():
-        walk(child, f"{rel}{child.name}/")
-      else:
-        files[f"{rel}{child.name}"] = child
-
-  walk(src)
+  files = dict(walk_files(src))
   if dest.is_dir() and all((dest / r).is_file() and (dest / r).stat().st_size == f.stat().length
                            for r, f in files.items()):
     return dest

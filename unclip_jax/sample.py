@@ -284,7 +284,7 @@ def _generate(args: argparse.Namespace, pipe, prompts, bundle_path: pathlib.Path
   """Text to images as a resumable job split over every process (see `inference/job.py`)."""
   import jax
 
-  from unclip_jax import distributed
+  from unclip_jax import distributed, paths as paths_lib
   from unclip_jax.inference import batch, job as job_lib
 
   if args.candidates > 1 and not pipe.has_image_encoder:
@@ -296,8 +296,9 @@ def _generate(args: argparse.Namespace, pipe, prompts, bundle_path: pathlib.Path
       num_steps(cfg)
   shard = args.shard_size or (args.batch_size if args.format == "png" else 1000)
   plan = job_lib.Plan(prompts, args.images_per_prompt, args.batch_size, shard)
-  out = pathlib.Path(args.out)
-  record = dict(bundle=str(bundle_path.resolve()), bundle_json_sha256=_bundle_digest(bundle_path),
+  out = paths_lib.as_path(args.out)
+  bundle_id = bundle_path if paths_lib.is_remote(bundle_path) else bundle_path.resolve()
+  record = dict(bundle=str(bundle_id), bundle_json_sha256=_bundle_digest(bundle_path),
                 settings=pipe.settings(), seed=args.seed, dtype=str(pipe.dtype), candidates=args.candidates,
                 images_per_prompt=args.images_per_prompt, format=args.format, batch_invariant=pipe.batch_invariant,
                 prompts_sha256=prompts.digest(), num_prompts=len(prompts.captions))

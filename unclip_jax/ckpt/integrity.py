@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from etils import epath
 
@@ -43,18 +43,9 @@ def file_digest(path) -> dict[str, Any]:
   return {"size": size, "sha256": h.hexdigest()}
 
 
-def _walk(root: epath.Path, prefix: str = "") -> Iterator[str]:
-  for child in sorted(root.iterdir(), key=lambda p: p.name):
-    rel = f"{prefix}{child.name}"
-    if child.is_dir():
-      yield from _walk(child, rel + "/")
-    else:
-      yield rel
-
-
 def list_files(root, exclude: tuple[str, ...] = (RECORD_NAME,)) -> list[str]:
   """Every file under `root` (relative, "/"-separated, sorted), without `exclude` (names at the top level)."""
-  return [rel for rel in _walk(epath.Path(root)) if rel not in exclude]
+  return [rel for rel, _ in paths.walk_files(epath.Path(root)) if rel not in exclude]
 
 
 def digests(root, files: list[str] | None = None) -> dict[str, dict[str, Any]]:

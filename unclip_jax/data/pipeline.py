@@ -37,8 +37,9 @@ def resolve_dataset_dir(path: str | os.PathLike):
   path = paths.as_path(path)
   if (path / "dataset_info.json").is_file():
     return path
-  found = sorted(p.parent for p in path.glob("**/dataset_info.json")) if path.is_dir() else []
-  found = [p for p in found if "incomplete" not in p.as_posix()]
+  found = sorted(f.parent for rel, f in paths.walk_files(path) if rel.rsplit("/", 1)[-1] == "dataset_info.json"
+                 ) if path.is_dir() else []
+  found = [p for p in found if "incomplete" not in str(p)]
   if not found:
     raise FileNotFoundError(f"no tfds dataset (dataset_info.json) at or below {path}")
   parents = {p.parent for p in found}

@@ -6,14 +6,14 @@
   batches   a unit's rows not yet recorded, in contiguous runs cut into batches of ≤ `batch_size` (each padded to
             batch_size by the sampler: one compile per job)
 
-Finished work is recorded as it is written, atomically (write to a temporary name, then rename), by row range
-[a, b): png format writes OUT/0000.png + 0000.json per row, then OUT/.done/<a>-<b>.json; webdataset format stages
-each batch as OUT/.partial/<unit>/<a>-<b>.tar and packs the unit into OUT/shard-000000.tar when it is complete.
-So a rerun skips exactly the recorded rows whatever batch size either run used (with batch-invariant sampling the
-batch size does not change the images, and `sample.py` then leaves it out of the manifest's hash). OUT/manifest.json
-holds a hash of everything that decides the images (model, settings, seed, prompts, layout); a rerun into the same
-folder skips the recorded work, and a rerun with other settings is refused. SIGTERM finishes the batch in flight,
-records it and exits with PREEMPTED_EXIT_CODE (143), as training does.
+Finished work is recorded as it is written, atomically (write to a temporary name, then rename; on gs:// one upload
+per object; OUT may be a gs:// URL), by row range [a, b): png format writes OUT/0000.png + 0000.json per row, then
+OUT/.done/<a>-<b>.json; webdataset format stages each batch as OUT/.partial/<unit>/<a>-<b>.tar and packs the unit
+into OUT/shard-000000.tar when it is complete. So a rerun skips exactly the recorded rows whatever batch size either
+run used (with batch-invariant sampling the batch size does not change the images, and `sample.py` then leaves it
+out of the manifest's hash). OUT/manifest.json holds a hash of everything that decides the images (model, settings,
+seed, prompts, layout); a rerun into the same folder skips the recorded work, and a rerun with other settings is
+refused. SIGTERM finishes the batch in flight, records it and exits with PREEMPTED_EXIT_CODE (143), as training does.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pathlib
 import signal
 import tarfile
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from unclip_jax import paths
 from unclip_jax.inference.prompt_sets import PromptSet
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,11 @@ MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 
 
-# ---- file writes (one place, so another filesystem layer can slot in) ---------------------------------------------
-def write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Writes `data` to path via a temporary sibling and a rename: readers see all of it or nothing."""
+# ---- file writes: local folders or gs:// (OUT is a `paths.as_path`: pathlib.Path or etils.epath.Path) ------------
+def write_atomic(path, data: bytes) -> None:
+  """Writes `data` to `path` atomically (a temporary sibling and a rename; on gs:// one upload of the object)."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  paths.write_bytes_atomic(path, data)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -70,8 +65,8 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
   return buf.getvalue()
 
 
-def tar_members(path: pathlib.Path) -> list[tuple[str, bytes]]:
-  with tarfile.open(path) as tar:
+def tar_members(path) -> list[tuple[str, bytes]]:
+  with tarfile.open(fileobj=io.BytesIO(paths.as_path(path).read_bytes())) as tar:
     return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
 
 
@@ -259,10 +254,11 @@ class Job:
     write_atomic(self._shard(u), tar_bytes(members))
     for part in parts:
       part.unlink()
-    try:
-      parts[0].parent.rmdir()
-    except OSError:
-      pass
+    if not paths.is_remote(parts[0]):              # object stores have no empty folders to remove
+      try:
+        parts[0].parent.rmdir()
+      except OSError:
+        pass
 
   def _progress_file(self, process: int) -> pathlib.Path:
     return self.out / ".progress" / f"process_{process:05d}.json"
@@ -337,7 +333,7 @@ class Job:
 
     from unclip_jax.inference.images import image_grid
 
-    images = np.stack([np.asarray(Image.open(self.out / f"{row_name(r)}.png").convert("RGB"))
+    images = np.stack([np.asarray(Image.open(io.BytesIO((self.out / f"{row_name(r)}.png").read_bytes())).convert("RGB"))
                        for r in range(len(self.plan.rows))])
     buf = io.BytesIO()
     Image.fromarray(image_grid(images.astype(np.float32) / 127.5 - 1.0)).save(buf, format="PNG")
@@ -346,7 +342,7 @@ class Job:
 
 def iter_webdataset(out: pathlib.Path) -> Iterator[tuple[str, bytes, dict]]:
   """(key, png bytes, meta) of every sample in OUT's shards, in shard order."""
-  for shard in sorted(pathlib.Path(out).glob("shard-*.tar")):
+  for shard in sorted(paths.as_path(out).glob("shard-*.tar"), key=str):
     members = dict(tar_members(shard))
     for name in sorted(members):
       if name.endswith(".png"):
