@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_unclip as scheduling_unclip  # noqa: E402
 
+from unclip_jax import config_lib  # noqa: E402
 from unclip_jax.stages import decoder as decoder_lib, prior as prior_lib  # noqa: E402
 from unclip_jax.convert import unet as convert_unet  # noqa: E402
 from unclip_jax.diffusion import samplers  # noqa: E402
@@ -172,7 +173,7 @@ def test_default_null_is_the_training_drop(setup):
 def test_make_sampler_from_tiny_config(setup):
   """configs/decoder.py:tiny builds the diffusers twin; its jitted make_sampler (25 steps, g=8, clamp ±1
   from cfg.sampling) reproduces the diffusers-matched 25-step result; null_text='empty_prompt' needs null_text."""
-  from unclip_jax import config_lib
+
 
   s = setup
   cfg = config_lib.load_config("configs/decoder.py:tiny", ['sampling.single_step_beta="schedule"'])
@@ -232,3 +233,39 @@ def test_bad_inputs(setup):
     decoder_lib.model_fn_for(s["unet"], s["params"]["unet"], {"ehs": jnp.zeros((B, 20, 24))})
   with pytest.raises(ValueError, match="out_channels=6 but variance 'fixed_small_log' needs 3"):
     run(diffusion=GaussianDiffusion(NoiseSchedule.create("cosine", 1000), variance="fixed_small_log"))
+
+
+def test_text_guidance_equal_scales_is_plain_guidance(setup):
+  """sampling.text_guidance_scale = guidance_scale reproduces plain guidance (three branches, same images); another
+  text scale changes them. The image rows carry the CLIP embedding with the null text."""
+  cfg = config_lib.load_config("decoder:tiny")
+  cfg.sampling.steps, cfg.sampling.guidance_scale = "3", 3.0
+  models = decoder_lib.build(cfg)
+  params = decoder_lib.init_params(models, jax.random.key(0))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  e, l = cfg.model.clip_embedding_dim, 5
+  k = jax.random.split(jax.random.key(2), 3)
+  cond = decoder_lib.DecoderCond(jax.random.normal(k[0], (B, e)), jax.random.normal(k[1], (B, e)),
+                                 jax.random.normal(k[2], (B, l, e)), jnp.ones((B, l), bool))
+  x_T = jax.random.normal(jax.random.key(3), (B, 16, 16, 3))
+  images = {}
+  for text_scale in (None, 3.0, 6.0):
+    c = config_lib.load_config("decoder:tiny")
+    c.sampling.steps, c.sampling.guidance_scale, c.sampling.text_guidance_scale = "3", 3.0, text_scale
+    images[text_scale] = decoder_lib.make_sampler(c, models.unet, models.text_proj, models.diffusion)(
+        params, cond, x_T, jax.random.key(4))
+  np.testing.assert_allclose(images[3.0], images[None], atol=1e-4)
+  assert float(jnp.abs(images[6.0] - images[None]).max()) > 1e-3
+  rows = decoder_lib.decoder_cond(models.text_proj, params["text_proj"], image_emb=cond.image_emb,
+                                  text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=3)
+  two = decoder_lib.decoder_cond(models.text_proj, params["text_proj"], image_emb=cond.image_emb,
+                                 text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=True)
+  assert rows["class_labels"].shape[0] == 3 * B
+  np.testing.assert_allclose(rows["class_labels"][:B], two["class_labels"][:B], atol=1e-6)      # uncond
+  np.testing.assert_allclose(rows["class_labels"][2 * B:], two["class_labels"][B:], atol=1e-6)  # cond
+  assert not rows["attention_mask"][B:2 * B, 4:].any()                                           # image: null text
+  with pytest.raises(ValueError, match="branches"):
+    decoder_lib.decoder_cond(models.text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
+                             text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=4)

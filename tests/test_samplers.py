@@ -206,3 +206,29 @@ def test_sampler_with_sharded_latents_matches_single_device():
                       jax.random.key(1))
   assert out.sharding.is_equivalent_to(latent_sharding, out.ndim)
   np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-5)
+
+
+def test_text_guidance_three_branches():
+  """u + s(i − u) + s_text(c − i): plain guidance when s_text = s, the image branch alone when s_text = 0, variance
+  from the cond rows; the sampler calls the model on [x; x; x]."""
+  k = jax.random.split(jax.random.key(0), 3)
+  u, i, c = (jax.random.normal(kk, (2, 4, 4, 6)) for kk in k)
+  out = jnp.concatenate([u, i, c])
+  plain = samplers.guide(jnp.concatenate([u, c]), 3.0, 3, True)
+  np.testing.assert_allclose(samplers.guide(out, 3.0, 3, True, text_scale=3.0), plain, atol=1e-5)
+  np.testing.assert_allclose(samplers.guide(out, 1.0, 3, True, text_scale=0.0)[..., :3], i[..., :3], atol=1e-6)
+  np.testing.assert_array_equal(samplers.guide(out, 2.0, 3, True, text_scale=5.0)[..., 3:], c[..., 3:])
+  want = u[..., :3] + 2.0 * (i[..., :3] - u[..., :3]) + 5.0 * (c[..., :3] - i[..., :3])
+  np.testing.assert_allclose(samplers.guide(out, 2.0, 3, True, text_scale=5.0)[..., :3], want, atol=1e-5)
+  np.testing.assert_allclose(samplers.guide(out[..., :3], 2.0, 3, False, text_scale=5.0), want, atol=1e-5)
+  assert samplers.SamplerSettings().branches == 1 and samplers.SamplerSettings(guidance_scale=2.0).branches == 2
+  assert samplers.SamplerSettings(text_guidance_scale=1.0).branches == 3
+  seen = []
+
+  def model_fn(x, t):
+    seen.append(x.shape[0])
+    return jnp.zeros_like(x)
+  diffusion = gaussian.GaussianDiffusion(schedules.NoiseSchedule.create("cosine", 100), prediction="eps")
+  samplers.sample(model_fn, jnp.zeros((2, 4, 4, 3)), jax.random.key(1), diffusion=diffusion, steps="2",
+                  settings=samplers.SamplerSettings(guidance_scale=2.0, text_guidance_scale=4.0))
+  assert set(seen) == {6}
