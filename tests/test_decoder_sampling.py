@@ -173,8 +173,6 @@ def test_default_null_is_the_training_drop(setup):
 def test_make_sampler_from_tiny_config(setup):
   """configs/decoder.py:tiny builds the diffusers twin; its jitted make_sampler (25 steps, g=8, clamp ±1
   from cfg.sampling) reproduces the diffusers-matched 25-step result; null_text='empty_prompt' needs null_text."""
-
-
   s = setup
   cfg = config_lib.load_config("configs/decoder.py:tiny", ['sampling.single_step_beta="schedule"'])
   assert (cfg.sampling.steps, cfg.sampling.guidance_scale, cfg.sampling.clip_range) == ("25", 8.0, 1.0)
