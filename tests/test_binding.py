@@ -81,10 +81,11 @@ def test_cli_with_the_embedded_single_object_model(full, tmp_path, capsys):
   """The CLI end to end: the single-object default model never draws two objects, so nothing is right."""
   out = tmp_path / "report.json"
   assert binding.main(["--data", str(full), "--bundle", str(_default_bundle()), "--n-prompts", "4", "--seeds", "0",
-                       "--guidance", "1,3", "--batch-size", "4", "--judge-steps", "50", "--judge", str(tmp_path / "j"),
+                       "--guidance", "1,3", "--text-guidance", "5", "--batch-size", "4", "--judge-steps", "50", "--judge", str(tmp_path / "j"),
                        "--out", str(out)]) == 0
   report = json.loads(out.read_text())
-  assert [r["guidance"] for r in report["rows"]] == [1.0, 3.0]
+  assert [(r["guidance"], r["text_guidance"]) for r in report["rows"]] == [(1.0, None), (1.0, 5.0), (3.0, None),
+                                                                          (3.0, 5.0)]
   assert report["rows"][0]["pooled"]["all"]["n"] == 4 and report["rows"][0]["pooled"]["all"]["all_right"] == 0.0
   assert "binding" in capsys.readouterr().out
   assert binding.main(["--data", str(full), "--bundle", str(tmp_path / "nope")]) == 2

@@ -1,7 +1,8 @@
 """Attribute binding on two-object shapes (unCLIP paper §7): a judge for generated images and the binding report.
 
   python -m unclip_jax.shapes.binding --data FULL_DATASET --bundle B [--bundle-text B2] [--judge PATH]
-      [--n-prompts 96] [--seeds 0,1,2] [--guidance 1,3,5] [--batch-size 24] [--out report.json]
+      [--n-prompts 96] [--seeds 0,1,2] [--guidance 1,3,5] [--text-guidance 3,6] [--batch-size 24]
+      [--out report.json]
 
 The judge (trained on real images of a `python -m unclip_jax.shapes.pairs` dataset, never on generated ones):
   1. segmentation, no learning: the background is the per-channel median of the border pixels; foreground = pixels
@@ -20,8 +21,10 @@ right two objects on the wrong sides.
 Prompts (`make_prompts`, fixed by n only): half from the held-out object pairs of the training data (as many as
 there are), half from seen pairs; the relation, which object is named first, phrasing (the held-out phrasings
 included), caption template and background vary. One image per prompt per seed. Reports per decoder ("unclip": the
-bundle; "text": `--bundle-text`, a GLIDE-style text-only decoder), guidance scale and seed, and pooled over seeds:
-accuracy per fact, all right, binding-error and swap rates, for all / seen / held-out prompts.
+bundle; "text": `--bundle-text`, a GLIDE-style text-only decoder), guidance scale, text guidance scale (the remedy
+tried: a separate, stronger guidance on the text branch, `sampling.text_guidance_scale`; unCLIP decoder only) and
+seed, and pooled over seeds: accuracy per fact, all right, binding-error and swap rates, for all / seen / held-out
+prompts.
 """
 from __future__ import annotations
 
@@ -281,12 +284,13 @@ def pool(runs: Sequence[Mapping[str, Any]], prompts: Sequence[Prompt]) -> dict[s
 
 def format_rows(report: Mapping[str, Any]) -> str:
   f = lambda x: "-" if x is None else f"{x:.3f}"
-  lines = [f"{'decoder':<8}{'guid.':>6}{'group':>9}{'n':>6}{'all right':>11}{'binding':>9}{'swap':>7}"
+  lines = [f"{'decoder':<8}{'guid.':>6}{'text':>6}{'group':>9}{'n':>6}{'all right':>11}{'binding':>9}{'swap':>7}"
            f"{'relation':>10}{'backgr.':>9}"]
   for row in report["rows"]:
     for g in GROUPS:
       m = row["pooled"][g]
-      lines.append(f"{row['decoder']:<8}{row['guidance']:>6g}{g:>9}{m['n']:>6}{f(m['all_right']):>11}"
+      text = "-" if row["text_guidance"] is None else f"{row['text_guidance']:g}"
+      lines.append(f"{row['decoder']:<8}{row['guidance']:>6g}{text:>6}{g:>9}{m['n']:>6}{f(m['all_right']):>11}"
                    f"{f(m['binding_error']):>9}{f(m['swap']):>7}{f(m['relation']):>10}{f(m['background']):>9}")
   return "\n".join(lines)
 
@@ -315,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--n-prompts", type=int, default=96)
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--guidance", default=None, help='decoder guidance scales, e.g. "1,3,5" (default: the bundle\'s)')
+  p.add_argument("--text-guidance", default=None, help='text guidance scales for the unCLIP decoder, e.g. "3,6" '
+                                                       "(rows added to the plain-guidance ones)")
   p.add_argument("--batch-size", type=int, default=24)
   p.add_argument("--out", default=None, help="write the JSON report here")
   return p
@@ -332,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args) -> int:
   seeds = single.parse_seeds(args.seeds)
   guidance = None if args.guidance is None else parse_floats(args.guidance, "--guidance")
+  text_guidance = [] if args.text_guidance is None else parse_floats(args.text_guidance, "--text-guidance")
   if args.n_prompts < 2:
     raise ValueError(f"--n-prompts must be >= 2, got {args.n_prompts}")
   bundles = {k: v for k, v in (("unclip", args.bundle), ("text", args.bundle_text)) if v}
@@ -357,11 +364,14 @@ def _run(args) -> int:
     for name, path in bundles.items():
       base = UnCLIP.from_bundle(path)
       for g in guidance or [None]:
-        pipe = base if g is None else base.with_sampling(decoder={"guidance_scale": g})
-        runs = [evaluate(pipe, judge, prompts, seed=s, batch_size=args.batch_size) for s in seeds]
-        report["rows"].append({"decoder": name, "bundle": str(path),
-                               "guidance": float(pipe.settings()["decoder"]["guidance_scale"]),
-                               "pooled": pool(runs, prompts), "runs": runs})
+        for tg in [None] + (text_guidance if name == "unclip" else []):
+          overrides = {k: v for k, v in (("guidance_scale", g), ("text_guidance_scale", tg)) if v is not None}
+          pipe = base.with_sampling(decoder=overrides) if overrides else base
+          runs = [evaluate(pipe, judge, prompts, seed=s, batch_size=args.batch_size) for s in seeds]
+          settings = pipe.settings()["decoder"]
+          report["rows"].append({"decoder": name, "bundle": str(path), "guidance": float(settings["guidance_scale"]),
+                                 "text_guidance": settings["text_guidance_scale"], "pooled": pool(runs, prompts),
+                                 "runs": runs})
     print(format_rows(report))
   if args.out:
     out = pathlib.Path(args.out)
