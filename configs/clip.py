@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
     c.model.projection_dim = 512
     c.model.text.update(width=512, heads=8, mlp_dim=2048)
     c.model.vision.update(patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072)
-  if variant == "shapes":
+  if variant in ("shapes", "shapes2"):
     # The embedded default (issue: embedded model): CLIP for 32² captioned shapes, trained from scratch.
     c.model.projection_dim = 64
     c.model.text.update(width=64, layers=2, heads=4, mlp_dim=256, context_length=16)
@@ -43,15 +43,10 @@ def get_config(arg: str = ""):
   if variant == "shapes2":
     # Two-object shapes (unclip_jax.shapes.pairs, the attribute-binding study): captions up to 17 tokens, and an
     # image tower deep enough to bind colour to shape per object (the negatives differ only in that binding).
-    c.model.projection_dim = 64
-    c.model.text.update(width=64, layers=3, heads=4, mlp_dim=256, context_length=24)
-    c.model.vision.update(image_size=32, patch_size=4, width=96, layers=4, heads=4, mlp_dim=384)
-    c.batch_size = 128
+    c.model.text.update(layers=3, context_length=24)
+    c.model.vision.update(width=96, layers=4, mlp_dim=384)
     c.num_train_steps = 3000
-    c.optim.update(lr=1e-3, warmup_steps=200, weight_decay=0.05, ema_decay=0.99)
-    c.eval_every, c.eval_examples = 1000, 64
-    c.log_every, c.ckpt_every = 100, 500
-    c.dtype = "float32"
+    c.eval_every, c.ckpt_every = 1000, 500
   if variant == "tiny":
     c.model.projection_dim = 32
     c.model.text.update(vocab_size=99, width=32, layers=2, heads=4, mlp_dim=37, context_length=16)

@@ -78,7 +78,7 @@ def get_config(arg: str = ""):
     c.batch_size = 2048
     c.num_train_steps = 800_000
     c.optim.update(lr=1.2e-4, b2=0.999, eps=1e-8, ema_decay=0.9999)
-  if variant == "shapes":
+  if variant in ("shapes", "shapes2", "shapes2_text"):
     # 16² (the classifier reads bicubic 16->64 real images 100% right on colour, shape and background: the facts
     # survive at this size), so 2 CPU cores afford enough steps; the upsampler takes it to 64².
     c.model.update(image_size=16, block_out_channels=(32, 64, 96), layers_per_block=1,
@@ -102,19 +102,10 @@ def get_config(arg: str = ""):
     # the single-object model draws right at 16², so the decoder runs at 24² and the upsampler takes it to 96².
     # "shapes2_text" is the same UNet as a GLIDE-style text-only decoder (image_conditioning False), the control of
     # the binding study (unCLIP paper §7).
-    c.model.update(image_size=24, block_out_channels=(32, 64, 96), layers_per_block=1,
-                   attention_levels=(False, True, True), head_dim=32, cross_attention_dim=64,
-                   clip_embedding_dim=64, norm_num_groups=8, dropout=0.0)
-    c.diffusion.prediction = "v"
-    c.diffusion.loss_weighting = "min_snr"
-    c.sampling.update(steps="25", guidance_scale=3.0)
+    c.model.image_size = 24
     c.image_conditioning = variant == "shapes2"
-    c.batch_size = 32
     c.num_train_steps = 6000
-    c.optim.update(lr=7e-4, warmup_steps=200, ema_decay=0.999)
-    c.eval_every, c.eval_examples = 2000, 16
-    c.log_every, c.ckpt_every = 100, 500
-    c.dtype = "float32"
+    c.ckpt_every = 500
   if variant == "tiny":
     c.model.update(image_size=16, block_out_channels=(16, 32, 48), layers_per_block=2,
                    attention_levels=(False, True, True), head_dim=8, cross_attention_dim=24,

@@ -59,7 +59,7 @@ def get_config(arg: str = ""):
     c.num_train_steps = 1_000_000
     c.optim.update(b2=0.999, eps=1e-8, ema_decay=0.9999)
     c.last_step_model = False
-  if variant == "shapes":
+  if variant in ("shapes", "shapes2"):
     c.model.update(low_res_size=16, image_size=64, block_out_channels=(32, 64), attention_levels=(False, False),
                    layers_per_block=1, norm_num_groups=8)
     c.diffusion.prediction = "v"    # as the shapes decoder: a usable x̂0 from the first (ᾱ ≈ 0) of 7 steps
@@ -75,18 +75,9 @@ def get_config(arg: str = ""):
   if variant == "shapes2":
     # Two-object shapes (unclip_jax.shapes.pairs, drawn at 96²): 24² (configs/decoder.py:shapes2) -> 96², trained
     # on 32² crops (8² low-res).
-    c.model.update(low_res_size=24, image_size=96, block_out_channels=(32, 64), attention_levels=(False, False),
-                   layers_per_block=1, norm_num_groups=8)
-    c.diffusion.prediction = "v"
-    c.sampling.update(steps="7")
+    c.model.update(low_res_size=24, image_size=96)
     c.crop_fraction = 1 / 3
-    c.last_step_model = False
-    c.batch_size = 16
-    c.num_train_steps = 3000
-    c.optim.update(lr=5e-4, warmup_steps=200, ema_decay=0.999)
-    c.eval_every, c.eval_examples = 1000, 16
-    c.log_every, c.ckpt_every = 100, 500
-    c.dtype = "float32"
+    c.ckpt_every = 500
   if variant == "tiny":
     c.model.update(low_res_size=16, image_size=32, block_out_channels=(16, 32, 48),
                    attention_levels=(False,) * 3, layers_per_block=2, norm_num_groups=8)

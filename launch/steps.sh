@@ -1,8 +1,14 @@
 # Sourced by the launch/train_*.sh recipes: `step NAME COMMAND...` runs COMMAND once (skipped when
 # $out/.done.NAME exists), logs it to $out/NAME.log and records its seconds in $out/times.json.
-# Needs $out and $py. A step that is stopped part-way reruns on the next call (its log appended to); the trainer
+# Needs $root and $out; sets $py (the venv's python, set up by setup_env.sh when missing) and the environment,
+# creates $out and changes to $root. A step that is stopped part-way reruns on the next call (its log appended to); the trainer
 # resumes from its checkpoints, so a recipe can be stopped and continued at any point. times.json holds the seconds
 # of the call that finished the step.
+py="${UNCLIP_VENV:-$root/.venv}/bin/python"
+[[ -x "$py" ]] || py="$(bash "$root/launch/setup_env.sh" | tail -n 1)/bin/python"
+export PYTHONUNBUFFERED=1 UNCLIP_JAX_CACHE="${UNCLIP_JAX_CACHE:-$root/.jax_cache}"
+mkdir -p "$out"
+cd "$root"
 times="$out/times.json"; [[ -f "$times" ]] || echo "{}" > "$times"
 step() {   # step NAME COMMAND...: runs once (skipped when OUT/.done.NAME exists), logs to OUT/NAME.log, times it
   local name="$1"; shift

@@ -24,12 +24,7 @@ out="${1:-$root/runs/shapes2}"
 n="${N:-20000}"
 fraction="${HOLDOUT_FRACTION:-0.1}"
 read -r -a flags <<< "${TRAIN_FLAGS:-}"
-py="${UNCLIP_VENV:-$root/.venv}/bin/python"
-[[ -x "$py" ]] || py="$(bash "$root/launch/setup_env.sh" | tail -n 1)/bin/python"
-export PYTHONUNBUFFERED=1 UNCLIP_JAX_CACHE="${UNCLIP_JAX_CACHE:-$root/.jax_cache}"
-mkdir -p "$out"
-cd "$root"
-source "$root/launch/steps.sh"
+source "$root/launch/steps.sh"   # $py (the venv, set up if missing), environment, $out, cd $root, step
 data="$out/data"
 full="$data/image_text/full/1.0.0"; train="$data/image_text/train/1.0.0"; emb="$data/embeddings/train_clip/1.0.0"
 step data bash -c "'$py' -m unclip_jax.shapes.pairs --out '$data' --n $n --size 96 --name full --seed 0 --overwrite && \

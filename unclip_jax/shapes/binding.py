@@ -192,10 +192,9 @@ def train_judge(data_dir, *, steps: int = 600, n_train: int = 4000, n_val: int =
 
 
 def save_judge(judge: Judge, path) -> pathlib.Path:
+  """PATH/ as `save_classifier` writes it, plus PATH/judge.json (training data, validation accuracy)."""
   path = single.save_classifier(judge.classifier, path)
-  tmp = path / ".judge.json.tmp"
-  tmp.write_text(json.dumps(judge.info, indent=1, default=str), encoding="utf-8")
-  os.replace(tmp, path / "judge.json")
+  single.write_report(path / "judge.json", judge.info)
   return path
 
 
@@ -374,11 +373,7 @@ def _run(args) -> int:
                                  "runs": runs})
     print(format_rows(report))
   if args.out:
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, out)
+    single.write_report(args.out, report)
   return 0
 
 

@@ -613,6 +613,15 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def write_report(path, report: Mapping[str, Any]) -> None:
+  """The JSON report, written atomically (parent folders created; local or gs://)."""
+  from unclip_jax import paths
+
+  p = paths.as_path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  paths.write_bytes_atomic(p, json.dumps(report, indent=1, default=str).encode("utf-8"))
+
+
 def parse_seeds(text: str) -> list[int]:
   """ "0,1,2" -> [0, 1, 2] (distinct non-negative integers)."""
   try:
@@ -677,9 +686,7 @@ def _run(args: argparse.Namespace) -> int:
           + f" (n={pooled['heldout']['n']})")
     report = {"seeds": seeds, "pooled": pooled, "reports": reports}
   if args.out:
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    write_report(args.out, report)
   return 0
 
 
