@@ -1,8 +1,10 @@
 """How the TPU compile time of the decoder train step grows with UNet depth (levels, res blocks per level) and width.
 
-Every level and res block is unrolled into the HLO (no nn.scan), so compile time grows with the block count, not
-with the channel width. Micro widths (8 channels, attention only in the mid block) keep each compile short; the
-TPU is abstract (needs libtpu).
+Every level and res block is unrolled into the HLO (no nn.scan), so compile time grows linearly with the block
+count (`--sweep depth`, micro width: 8 channels, attention only in the mid block). `--sweep width` (one level, one
+block, 16², 1 row per chip) grows faster than linearly with the channels: the TPU backend's conv kernels unroll a
+body that fills scoped VMEM (bench/tpu_conv_compile.py measures one conv layer). The TPU is abstract (needs
+libtpu).
 
   python bench/tpu_compile_scaling.py [--sweep depth|width|all] [--topology v5e:2x2] [--json out.json]
 """
@@ -18,7 +20,7 @@ import common  # noqa: E402
 
 SWEEPS = {   # (levels, layers_per_block, channels)
     "depth": ((1, 1, 8), (2, 1, 8), (3, 1, 8), (4, 1, 8), (2, 2, 8), (2, 4, 8)),
-    "width": ((1, 1, 8), (1, 1, 64), (1, 1, 256), (1, 1, 512)),
+    "width": ((1, 1, 8), (1, 1, 64), (1, 1, 256), (1, 1, 512), (1, 1, 1024)),
 }
 
 
