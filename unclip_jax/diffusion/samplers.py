@@ -99,13 +99,12 @@ def guide(model_out: jax.Array, scale: float, data_channels: int, learned_varian
   The mean channels are guided, u + s·(c − u), or u + s·(i − u) + s_text·(c − i); learned-variance channels are
   taken from the cond rows. Returns [B, ..., C or 2C].
   """
+  mean = lambda o: o[..., :data_channels] if learned_variance else o
   if text_scale is None:
     uncond, cond = jnp.split(model_out, 2, axis=0)
-    mean = lambda o: o[..., :data_channels] if learned_variance else o
     guided_mean = mean(uncond) + scale * (mean(cond) - mean(uncond))
   else:
     uncond, image, cond = jnp.split(model_out, 3, axis=0)
-    mean = lambda o: o[..., :data_channels] if learned_variance else o
     guided_mean = mean(uncond) + scale * (mean(image) - mean(uncond)) + text_scale * (mean(cond) - mean(image))
   if learned_variance:
     return jnp.concatenate([guided_mean, cond[..., data_channels:]], axis=-1)
