@@ -326,12 +326,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parser().parse_args(argv)
-  try:
-    return _run(args)
-  except (FileNotFoundError, ValueError, KeyError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return single.run_cli(parser, _run, argv)
 
 
 def _run(args) -> int:

@@ -163,15 +163,20 @@ def build(out_dir, n: int, *, image_size: int = 64, seed: int = 0, holdout=None,
   return path
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m unclip_jax.shapes.data", description=__doc__.split("\n\n")[0])
+def add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+  """--out, --n, --size, --seed, --overwrite: what every shapes dataset CLI takes."""
   p.add_argument("--out", required=True, help="tfds data_dir to write into")
   p.add_argument("--n", type=int, required=True, help="number of examples")
   p.add_argument("--size", type=int, default=64, help="image side in pixels")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--overwrite", action="store_true")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m unclip_jax.shapes.data", description=__doc__.split("\n\n")[0])
+  add_dataset_arguments(p)
   p.add_argument("--holdout", default="", help='comma-separated colour×shape pairs, e.g. "red circle,blue square"')
   p.add_argument("--name", default="shapes", help="dataset (config) name")
-  p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
   try:
     build(args.out, args.n, image_size=args.size, seed=args.seed, holdout=args.holdout, name=args.name,

@@ -633,13 +633,19 @@ def parse_seeds(text: str) -> list[int]:
   return seeds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parser().parse_args(argv)
+def run_cli(make_parser, run, argv: Sequence[str] | None = None) -> int:
+  """Parses argv with `make_parser()` and calls `run(args)`; a bad input (missing file, bad value or key) is one
+  "error: ..." line on stderr and exit code 2."""
+  args = make_parser().parse_args(argv)
   try:
-    return _run(args)
+    return run(args)
   except (FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run_cli(parser, _run, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -222,15 +222,11 @@ def build(out_dir, n: int, *, image_size: int = 64, seed: int = 0, holdout_fract
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m unclip_jax.shapes.pairs", description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", required=True, help="tfds data_dir to write into")
-  p.add_argument("--n", type=int, required=True, help="number of examples")
-  p.add_argument("--size", type=int, default=64, help="image side in pixels")
-  p.add_argument("--seed", type=int, default=0)
+  shapes.add_dataset_arguments(p)
   p.add_argument("--holdout-fraction", type=float, default=0.0,
                  help="fraction of the 252 object pairs (and the phrasings %s) left out" % (HELDOUT_PHRASES,))
   p.add_argument("--holdout-seed", type=int, default=0, help="which object pairs are held out")
   p.add_argument("--name", default="pairs", help="dataset (config) name")
-  p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
   try:
     build(args.out, args.n, image_size=args.size, seed=args.seed, holdout_fraction=args.holdout_fraction,
