@@ -153,16 +153,15 @@ def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_e
     emb = jnp.concatenate([null.emb.astype(emb.dtype)] * nulls + [emb])
     enc = jnp.concatenate([null.enc.astype(enc.dtype)] * nulls + [enc])
     mask = jnp.concatenate([null.mask] * nulls + [mask])
-  if branches == 3:           # [cf; image; image] image embeddings: text_proj's CFG layout covers two branches only
-    image = jnp.concatenate([image_emb] * 3)
-    drop = jnp.concatenate([jnp.ones((b,), bool), jnp.full((2 * b,), not image_conditioning)])
-    return text_proj.apply({"params": params_text_proj}, image_embeddings=image, prompt_embeds=emb,
-                           text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=False,
-                           drop_image=drop, method=UnCLIPTextProj.conditioning)
-  drop_image = None if image_conditioning else jnp.ones((b,), bool)
-  return text_proj.apply({"params": params_text_proj}, image_embeddings=image_emb, prompt_embeds=emb,
-                         text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=branches == 2,
-                         drop_image=drop_image, method=UnCLIPTextProj.conditioning)
+  # Image rows per branch: the uncond rows (and every row of a text-only decoder) get text_proj's learned CFG
+  # embedding, which is what text_proj's own [cf; image] CFG layout puts there; one layout for 1, 2 or 3 branches.
+  uncond_rows = b if branches > 1 else 0
+  image = jnp.concatenate([image_emb] * branches)
+  drop = jnp.concatenate([jnp.ones((uncond_rows,), bool),
+                          jnp.full((branches * b - uncond_rows,), not image_conditioning)])
+  return text_proj.apply({"params": params_text_proj}, image_embeddings=image, prompt_embeds=emb,
+                         text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=False,
+                         drop_image=drop, method=UnCLIPTextProj.conditioning)
 
 
 # ---- inpainting inputs -------------------------------------------------------------------------------------------
