@@ -58,7 +58,6 @@ def get_config(arg: str = ""):
   if variant == "shapes2":
     # Two-object shapes (unclip_jax.shapes.pairs): 24 text tokens (configs/clip.py:shapes2), 6 layers.
     c.model.update(num_embeddings=24, num_layers=6)
-    c.num_train_steps = 3000
     c.ckpt_every = 500
   if variant == "tiny":
     c.model.update(embedding_dim=32, num_embeddings=16, num_layers=2, num_heads=2, head_dim=12)
