@@ -24,6 +24,9 @@ def get_config(arg: str = ""):
                   num_channels=3, layer_norm_eps=1e-5),
       logit_scale=True,                 # learnable temperature (CLIPModel); needs both towers and projections
       logit_scale_init=2.6592, logit_scale_max=100.0,
+      # both towers: "auto" (Pallas splash on TPU, cuDNN flash for the vision tower on CUDA GPUs in bf16/fp16, else
+      # XLA) | "xla" | "cudnn" | "splash" (models.layers.resolve_attention)
+      attention="auto",
   ))
   if variant == "vit_b32":
     c.model.projection_dim = 512
