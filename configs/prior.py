@@ -21,6 +21,8 @@ def get_config(arg: str = ""):
       normalization="clip_stats",  # "clip_stats" (per-dim clip_mean/clip_std, Karlo) or "sqrt_dim"
       dropout=0.0,                 # diffusers field; the model has no dropout (Karlo trains with 0)
       scan_layers=False,           # nn.scan the blocks (stacked params; prior.stack_blocks converts)
+      # "auto" (Pallas splash on TPU, else XLA) | "xla" | "cudnn" | "splash" (models.layers.resolve_attention)
+      attention="auto",
   ))
   c.diffusion = config_lib.diffusion_config(prediction="x0", variance="fixed_small_log", loss="mse")
   c.sampling = config_lib.sampling_config(steps="25", guidance_scale=4.0, clip_range=5.0)

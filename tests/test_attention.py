@@ -265,7 +265,7 @@ def test_splash_bf16_is_close_to_xla():
 
 @pytest.mark.parametrize("tpu,splash_ok,dtype,head_dim,has_bias,want", [
     (True, True, jnp.bfloat16, 64, False, "splash"), (True, True, jnp.float32, 128, False, "splash"),
-    (True, False, jnp.bfloat16, 64, False, "xla"),        # the caller cannot give key masks (prior, CLIP)
+    (True, False, jnp.bfloat16, 64, False, "xla"),        # the caller cannot give key masks
     (True, True, jnp.bfloat16, 64, True, "xla"),          # additive bias
     (True, True, jnp.bfloat16, 60, False, "xla"),         # not a multiple of 8
     (True, True, jnp.bfloat16, 512, False, "xla"),        # wider than one block
@@ -322,7 +322,8 @@ def test_unet_splash_has_the_xla_gradients():
 
 def test_unet_auto_picks_splash_on_tpu(monkeypatch):
   """"auto" on a TPU (a context mesh of TPU chips, as the compile-only preflight traces) routes every UNet
-  attention to the kernel; the prior's and CLIP's attention (`dot_product_attention` with a bias) stays XLA."""
+  attention to the kernel (CLIP and the prior: tests/test_attention_towers.py); a call with an additive bias
+  stays XLA."""
   calls = []
   splash = layers.splash_attention
 

@@ -1,5 +1,6 @@
 """The `paper` size variants against the parameter counts of Ramesh et al. 2022 (arXiv:2204.06125), Appendix C,
-Table 3, from abstract params (`stages.get(stage).abstract_params`: shapes only, nothing allocated).
+Table 3, from abstract params (`stages.get(stage).abstract_params`: shapes only, nothing allocated), and the
+paper's ViT-H/16 CLIP (clip:vit_h16) against OpenCLIP's published count.
 
 Tolerances follow the precision of the table's figures: 5 % for 3.5B and 700M, 15 % for 300M and 25 % for the
 1B figures, which are one significant digit (the diffusion prior's own width 2048 × 24 layers is 1.21B).
@@ -74,3 +75,23 @@ def test_paper_upsampler_schedules_and_samplers():
   assert (high.diffusion.schedule, high.sampling.steps, high.sampling.sampler) == ("linear", "15", "ddim")
   assert (low.degradation, high.degradation) == ("blur", "bsr")
   assert low.model.block_out_channels == (320, 640, 960, 1280) and high.model.layers_per_block == 2
+
+
+def test_clip_vit_h16_matches_openclip():
+  """clip:vit_h16 against OpenCLIP's ViT-H-16 (its docs/model_profile.csv: 986.26M = image 632.23M + text 354.03M).
+  Against ViT-H-14's 986.11M: 197 position rows instead of 257 (−76,800) but a 16×16 patch kernel (+230,400)."""
+  cfg = _load("clip", "vit_h16")
+  params = _abstract(cfg)
+  image = _count(params["vision_model"]) + _count(params["visual_projection"])
+  text = _count(params["text_model"]) + _count(params["text_projection"])
+  total = _count(params)
+  print(f"clip:vit_h16 {total:,} params (image {image:,}, text {text:,}, logit_scale 1)")
+  assert total == image + text + 1
+  assert image == pytest.approx(632.23e6, abs=0.005e6) and text == pytest.approx(354.03e6, abs=0.005e6)
+  assert total == pytest.approx(986.26e6, abs=0.01e6)
+  v = cfg.model.vision
+  assert (v.image_size // v.patch_size) ** 2 + 1 == params["vision_model"]["embeddings"]["position_embedding"][
+      "embedding"].shape[0] == 197
+  assert (cfg.model.projection_dim, v.width, v.layers, v.width // v.heads) == (1024, 1280, 32, 80)
+  t = cfg.model.text
+  assert (t.width, t.layers, t.heads, t.mlp_dim) == (1024, 24, 16, 4096)

@@ -80,11 +80,13 @@ def test_abstract_batches_have_the_keys_the_stages_read():
   prior = config_lib.load_config("configs/prior.py:tiny", [])
   assert set(preflight.abstract_batch(prior)) == set(EMBEDDING_KEYS)
   assert set(preflight.abstract_batch(config_lib.load_config("configs/upsampler.py:tiny", []))) == {"image"}
+  clip = config_lib.load_config("configs/clip.py:tiny", [])
+  assert preflight.abstract_batch(clip) == {"ids": ((8, 16), "int32"), "pixels": ((8, 30, 30, 3), "float32")}
 
 
 def test_unsupported_stage_is_a_clear_error():
-  cfg = config_lib.load_config("configs/clip.py:tiny", [])
-  with pytest.raises(preflight.PreflightError, match="not 'clip'"):
+  cfg = config_lib.load_config("configs/ar_prior.py:tiny", [])
+  with pytest.raises(preflight.PreflightError, match="not 'ar_prior'"):
     preflight.abstract_batch(cfg)
 
 
@@ -242,13 +244,35 @@ def test_train_step_on_tpu_runs_the_pallas_splash_kernel(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
+@pytest.mark.parametrize("config,flags,want", [
+    ("clip:tiny", [], 4 * 3),                                          # 2 text + 2 vision layers
+    ("prior:tiny", ["--config.model.head_dim=8"], 2 * 3),              # 2 layers (the tiny 12-wide heads: XLA)
+    ("prior:tiny", ["--config.model.head_dim=8", "--config.model.scan_layers=True"], 3),   # one scanned block
+])
+def test_clip_and_prior_train_steps_on_tpu_run_the_pallas_splash_kernel(tmp_path, config, flags, want):
+  """attention "auto" puts the splash kernels (forward, dq, dk/dv) into the CLIP and prior train steps on a TPU
+  topology (~10 s per compile here); "xla" has none."""
+  kernels = {}
+  for impl in ("auto", "xla"):
+    proc = _run(["unclip_jax.train", "--config", config, "--workdir", str(tmp_path / impl), "--compile_only",
+                 "--topology", "v5e:2x2", *flags, f"--config.model.attention={impl}"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (row,) = _rows(proc)
+    assert row["fits"]
+    kernels[impl] = row["pallas_kernels"]
+  assert kernels == {"auto": want, "xla": 0}
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_sampler_on_tpu_runs_the_pallas_splash_kernel(tmp_path):
   """The decoder's sampling scan on TPU calls the splash forward kernel in each of its 4 attention layers (the
-  pipeline traces it under its mesh: shard_map over the rows); the other stages have no UNet attention."""
+  pipeline traces it under its mesh: shard_map over the rows), the text encoder in each of its 2 layers; the
+  tiny prior's 12-wide heads stay on XLA and the upsamplers have no attention."""
   b = _micro_bundle(tmp_path / "bundle", decoder_attention=True)
   proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "4", "--bundle", str(b)])
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   by = {r["program"]: r for r in _rows(proc)}
   assert by["sample decoder"]["pallas_kernels"] == 4 and by["sample decoder"]["fits"]
-  assert by["sample text"]["pallas_kernels"] == by["sample prior"]["pallas_kernels"] == 0
+  assert by["sample text"]["pallas_kernels"] == 2 and by["sample prior"]["pallas_kernels"] == 0
   assert by["sample super_res"]["pallas_kernels"] == 0

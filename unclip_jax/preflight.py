@@ -236,7 +236,11 @@ def abstract_batch(cfg, text_length: int = CLIP_CONTEXT) -> dict[str, tuple[tupl
     e, l = int(cfg.model.embedding_dim), int(cfg.model.num_embeddings)
     return {"image_emb": ((b, e), "float32"), "text_emb": ((b, e), "float32"),
             "text_enc": ((b, l, e), "float32"), "text_mask": ((b, l), "bool")}
-  raise PreflightError(f"compile-only preflight supports the decoder, upsampler and prior stages; not {stage!r} yet")
+  if stage == "clip":                   # stages.clip.clip_batch: token ids and CLIP-normalised pixels
+    s, t = int(cfg.model.vision.image_size), int(cfg.model.text.context_length)
+    return {"ids": ((b, t), "int32"), "pixels": ((b, s, s, 3), "float32")}
+  raise PreflightError(f"compile-only preflight supports the decoder, upsampler, prior and clip stages; not "
+                       f"{stage!r} yet")
 
 
 class _Zeros:

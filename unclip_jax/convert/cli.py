@@ -390,7 +390,8 @@ def _clip_parts(cfg, params):
     if getattr(c, keep) is None:
       continue
     sub = clip_lib.CLIPConfig(text=c.text if keep == "text" else None, vision=c.vision if keep == "vision" else None,
-                              projection_dim=c.projection_dim, logit_scale=False, logit_scale_init=c.logit_scale_init)
+                              projection_dim=c.projection_dim, logit_scale=False, logit_scale_init=c.logit_scale_init,
+                              attention=c.attention)
     p = {tower: params[tower], **({proj: params[proj]} if c.projection_dim is not None else {})}
     out.append((folder, sub, p))
   return out

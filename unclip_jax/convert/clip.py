@@ -108,7 +108,7 @@ def model_block_from_config(cfg: clip_lib.CLIPConfig) -> dict[str, Any]:
       layers=cfg.vision.layers, heads=cfg.vision.heads, mlp_dim=cfg.vision.mlp_dim, act=cfg.vision.act,
       num_channels=cfg.vision.num_channels, layer_norm_eps=cfg.vision.layer_norm_eps)
   return dict(projection_dim=cfg.projection_dim, text=text, vision=vision, logit_scale=cfg.logit_scale,
-              logit_scale_init=cfg.logit_scale_init)
+              logit_scale_init=cfg.logit_scale_init, attention=cfg.attention)
 
 
 def _hf_text_dict(t: clip_lib.TextConfig, projection_dim: int | None) -> dict[str, Any]:

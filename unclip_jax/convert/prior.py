@@ -52,7 +52,7 @@ def model_config_from_diffusers(config: Mapping[str, Any]) -> mlc.ConfigDict:
   return mlc.ConfigDict(dict(
       embedding_dim=e, num_embeddings=config.get("num_embeddings", 77), num_layers=config.get("num_layers", 20),
       num_heads=heads, head_dim=head_dim, additional_embeddings=config.get("additional_embeddings", 4),
-      normalization="clip_stats", dropout=float(config.get("dropout", 0.0)), scan_layers=False))
+      normalization="clip_stats", dropout=float(config.get("dropout", 0.0)), scan_layers=False, attention="auto"))
 
 
 def diffusers_config_from_model(model_cfg) -> dict[str, Any]:

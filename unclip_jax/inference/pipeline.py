@@ -21,8 +21,8 @@ The uncond branch of each guided stage sees what that model was trained with: th
 Devices: the weights are replicated over a 1-D ("data",) mesh of `devices` (default: every local accelerator; one
 device on CPU, where host "devices" share the same cores) and every batch whose rows divide evenly over them is
 sharded by rows (else each device computes all of it). The noise is drawn the same way on any mesh, so the
-images do not depend on the device count. The UNet stages are traced under that mesh (its abstract form), so on
-TPU their attention runs the Pallas splash kernel inside `shard_map` over the rows.
+images do not depend on the device count. The batched stages are traced under that mesh (its abstract form), so on
+TPU the attention of the UNets, CLIP and the prior runs the Pallas splash kernel inside `shard_map` over the rows.
 """
 from __future__ import annotations
 
@@ -290,8 +290,9 @@ class UnCLIP:
     return jax.tree.map(put, tree)
 
   def _under_mesh(self, fn):
-    """`fn` traced under the pipeline's (abstract) mesh, so that a layer which must know it can: the UNet's Pallas
-    splash attention on TPU runs inside `jax.shard_map` over the rows (`models.layers.splash_attention`)."""
+    """`fn` traced under the pipeline's (abstract) mesh, so that a layer which must know it can: the Pallas splash
+    attention of the UNets, CLIP towers and prior on TPU runs inside `jax.shard_map` over the rows
+    (`models.layers.splash_attention`)."""
     mesh = self.mesh.abstract_mesh
 
     @functools.wraps(fn)
@@ -308,9 +309,11 @@ class UnCLIP:
 
     clip = self.clip
     per_row = (lambda fn, shared: row_by_row(fn, shared, self.mesh)) if self.batch_invariant else (lambda fn, _: fn)
-    self._encode_text = jax.jit(per_row(lambda p, ids: clip.apply({"params": p}, ids, method=CLIP.encode_text), 1))
+    # Batched stages are traced under the mesh (the splash kernel of the UNets, CLIP towers and prior on TPU).
+    batched = per_row if self.batch_invariant else (lambda fn, _: self._under_mesh(fn))
+    self._encode_text = jax.jit(batched(lambda p, ids: clip.apply({"params": p}, ids, method=CLIP.encode_text), 1))
     if clip.config.vision is not None:
-      self._encode_image = jax.jit(per_row(lambda p, px: clip.apply({"params": p}, px, method=CLIP.encode_image)[0],
+      self._encode_image = jax.jit(batched(lambda p, px: clip.apply({"params": p}, px, method=CLIP.encode_image)[0],
                                            1))
 
     pc = self.prior_cfg
@@ -328,7 +331,7 @@ class UnCLIP:
 
     def prior_any(params, cond, rng, null, x_T):
       if not (self.batch_invariant and samplers.is_row_keys(rng)):   # one key: the whole-batch draw
-        return prior_fn(params, cond, rng, null, x_T)
+        return self._under_mesh(prior_fn)(params, cond, rng, null, x_T)
       if x_T is not None:                                          # [n·B, E] candidate-major -> per row [B, n, E]
         x_T = jnp.swapaxes(x_T.reshape(n, rng.shape[0], -1), 0, 1)
       return prior_rows(params, cond, rng, null, x_T)

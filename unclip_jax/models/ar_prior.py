@@ -92,11 +92,9 @@ class ARPrior(nn.Module):
                      (1, self.seq_len, w), jnp.float32)
     h = h + pos.astype(self.dtype)
     keep = jnp.concatenate([text_mask.astype(bool), jnp.ones((b, 2 + k - 1), bool)], axis=1)   # [B, S]
-    s = self.seq_len
-    causal = jnp.where(jnp.triu(jnp.ones((s, s), bool), k=1), layers.DIFFUSERS_MASK_VALUE, 0.0)
-    bias = layers.attention_bias_from_mask(keep, masked_value=layers.DIFFUSERS_MASK_VALUE)[:, None, None, :] + causal
     block = layers.maybe_remat(TransformerBlock, self.remat)
-    for i in range(self.num_layers):
-      h = block(self.num_heads, w // self.num_heads, self.dtype, name=f"transformer_blocks_{i}")(h, bias)
+    for i in range(self.num_layers):            # causal + key mask, kept on XLA (no `model.attention` field yet)
+      h = block(self.num_heads, w // self.num_heads, self.dtype, attention="xla", name=f"transformer_blocks_{i}")(
+          h, keep)
     h = layers.layer_norm(self.dtype, "norm_out")(h[:, l + 1:])                                 # [B, K, W]
     return layers.dense(self.num_buckets, ("embed", "vocab"), self.dtype, "to_logits")(h).astype(jnp.float32)

@@ -17,6 +17,14 @@ Submodules are named after the HF keys (docs/layouts.md): `text_model.encoder.la
 `text_model/encoder/layers_3/self_attn/q_proj/kernel`, so `convert/clip.py` is a pure function of the key.
 Bare towers (no projection) are the same module with `projection_dim=None`: `encode_*` then return the pooled
 output in place of the projected embedding.
+
+Attention (`CLIPConfig.attention`, `layers.self_attention`): the text tower's masks (causal, plus the optional
+padding mask on the keys) and the vision tower's (none) are key masks, so "auto" runs the Pallas splash kernel on
+TPU and XLA (cuDNN for the unmasked vision tower in bf16/fp16 on CUDA) elsewhere, with the additive
+CLIP_MASK_VALUE bias as before. Splash and the bias agree on every query row with a kept key; with causal masking
+a row has none only when the padding mask drops every key up to it, which never happens with this tokenizer's
+masks (True on BOS..EOS, BOS at position 0). A mask that drops position 0 would change only the
+last_hidden_state rows before the first kept token: those positions are masked keys of every other row.
 """
 from __future__ import annotations
 
@@ -78,11 +86,7 @@ class CLIPConfig:
   projection_dim: int | None = 512
   logit_scale: bool = True
   logit_scale_init: float = 2.6592
-
-
-def causal_bias(length: int) -> jax.Array:
-  """[1, 1, T, T] additive bias: 0 on and below the diagonal, CLIP_MASK_VALUE above."""
-  return jnp.where(jnp.triu(jnp.ones((length, length), bool), k=1), layers.CLIP_MASK_VALUE, 0.0)[None, None]
+  attention: str = "auto"        # both towers: "auto" | "xla" | "cudnn" | "splash" (layers.resolve_attention)
 
 
 def pool_eos(last_hidden_state: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
@@ -105,12 +109,17 @@ def pool_eos(last_hidden_state: jax.Array, input_ids: jax.Array, eos_token_id: i
 
 
 class CLIPAttention(nn.Module):
-  """Multi-head self-attention with separate biased q/k/v/out projections, scale d^-0.5.  [B,T,D] -> [B,T,D]."""
+  """Multi-head self-attention with separate biased q/k/v/out projections, scale d^-0.5.
+
+  x [B, T, D], key_mask [B, T] bool (True = attend) or None -> [B, T, D]; `causal` adds the causal mask.
+  """
   heads: int
   dtype: Dtype = jnp.float32
+  causal: bool = False
+  attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     b, t, d = x.shape
     if d % self.heads:
       raise ValueError(f"width {d} is not divisible by heads={self.heads}")
@@ -118,7 +127,8 @@ class CLIPAttention(nn.Module):
     q = split(layers.dense(d, ("embed", "heads"), self.dtype, "q_proj")(x))
     k = split(layers.dense(d, ("embed", "heads"), self.dtype, "k_proj")(x))
     v = split(layers.dense(d, ("embed", "heads"), self.dtype, "v_proj")(x))
-    out = layers.dot_product_attention(q, k, v, bias)                                   # [B, T, H, Dh]
+    out = layers.self_attention(q, k, v, key_mask, causal=self.causal, masked_value=layers.CLIP_MASK_VALUE,
+                                implementation=self.attention)                         # [B, T, H, Dh]
     return layers.dense(d, ("heads", "embed"), self.dtype, "out_proj")(out.reshape(b, t, d))
 
 
@@ -135,23 +145,29 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-  """Pre-LN transformer layer.  [B, T, D] -> [B, T, D]."""
+  """Pre-LN transformer layer.  x [B, T, D], key_mask [B, T] bool or None -> [B, T, D]."""
   heads: int
   mlp_dim: int
   act: str = "quick_gelu"
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  causal: bool = False
+  attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     norm = lambda name: layers.layer_norm(self.dtype, name, eps=self.eps)
-    x = x + CLIPAttention(self.heads, self.dtype, name="self_attn")(norm("layer_norm1")(x), bias)
+    attn = CLIPAttention(self.heads, self.dtype, self.causal, self.attention, name="self_attn")
+    x = x + attn(norm("layer_norm1")(x), key_mask)
     x = x + CLIPMLP(self.mlp_dim, self.act, self.dtype, name="mlp")(norm("layer_norm2")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
 class CLIPEncoder(nn.Module):
-  """`num_layers` CLIPEncoderLayers named `layers_{i}` (HF `encoder.layers.{i}`).  [B, T, D] -> [B, T, D]."""
+  """`num_layers` CLIPEncoderLayers named `layers_{i}` (HF `encoder.layers.{i}`).
+
+  x [B, T, D], key_mask [B, T] bool or None -> [B, T, D].
+  """
   num_layers: int
   heads: int
   mlp_dim: int
@@ -159,14 +175,17 @@ class CLIPEncoder(nn.Module):
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
   remat: str = "none"
+  causal: bool = False
+  attention: str = "auto"
 
   def setup(self):
     block = layers.maybe_remat(CLIPEncoderLayer, self.remat)
-    self.layers = [block(self.heads, self.mlp_dim, self.act, self.eps, self.dtype) for _ in range(self.num_layers)]
+    self.layers = [block(self.heads, self.mlp_dim, self.act, self.eps, self.dtype, self.causal, self.attention)
+                   for _ in range(self.num_layers)]
 
-  def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     for layer in self.layers:
-      x = layer(x, bias)
+      x = layer(x, key_mask)
     return x
 
 
@@ -194,6 +213,7 @@ class CLIPTextTransformer(nn.Module):
   cfg: TextConfig
   dtype: Dtype = jnp.float32
   remat: str = "none"
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
@@ -205,14 +225,10 @@ class CLIPTextTransformer(nn.Module):
       raise ValueError(f"sequence length {t} exceeds context_length={c.context_length}")
     h = CLIPTextEmbeddings(c, self.dtype, name="embeddings")(input_ids)                  # [B, T, D]
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
-    bias = causal_bias(t)                                                                # [1, 1, T, T]
-    if attention_mask is not None:                                                       # padding mask on keys
-      if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be {input_ids.shape}, got {attention_mask.shape}")
-      mask_bias = layers.attention_bias_from_mask(attention_mask, masked_value=layers.CLIP_MASK_VALUE)
-      bias = bias + mask_bias[:, None, None, :]
-    h = CLIPEncoder(c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, self.dtype, self.remat,
-                    name="encoder")(h, bias)
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:          # padding mask on keys
+      raise ValueError(f"attention_mask must be {input_ids.shape}, got {attention_mask.shape}")
+    h = CLIPEncoder(c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, self.dtype, self.remat, causal=True,
+                    attention=self.attention, name="encoder")(h, attention_mask)
     lhs = layers.layer_norm(self.dtype, "final_layer_norm", eps=c.layer_norm_eps)(h)
     return pool_eos(lhs, input_ids, c.eos_token_id), lhs
 
@@ -248,6 +264,7 @@ class CLIPVisionTransformer(nn.Module):
   cfg: VisionConfig
   dtype: Dtype = jnp.float32
   remat: str = "none"
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, pixels: jax.Array):
@@ -259,7 +276,7 @@ class CLIPVisionTransformer(nn.Module):
     h = layers.layer_norm(self.dtype, "pre_layrnorm", eps=c.layer_norm_eps)(h)                     # (sic) HF name
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
     lhs = CLIPEncoder(c.layers, c.heads, c.mlp_dim, c.act, c.layer_norm_eps, self.dtype, self.remat,
-                      name="encoder")(h, None)
+                      attention=self.attention, name="encoder")(h, None)
     pooled = layers.layer_norm(self.dtype, "post_layernorm", eps=c.layer_norm_eps)(lhs[:, 0])
     return pooled, lhs
 
@@ -268,7 +285,7 @@ class CLIP(nn.Module):
   """Two towers, optional projections and temperature; param tree mirrors the HF prefixed layout.
 
   Attributes:
-    config: CLIPConfig (which towers/projections exist, sizes).
+    config: CLIPConfig (which towers/projections exist, sizes, the attention implementation).
     dtype: compute dtype; parameters are float32; outputs are float32.
     remat: remat policy of each encoder layer (`layers.REMAT_POLICIES`; "none" off).
   """
@@ -283,11 +300,11 @@ class CLIP(nn.Module):
     if c.logit_scale and (c.text is None or c.vision is None or c.projection_dim is None):
       raise ValueError("logit_scale needs both towers and projections (CLIPModel)")
     if c.text is not None:
-      self.text_model = CLIPTextTransformer(c.text, self.dtype, self.remat)
+      self.text_model = CLIPTextTransformer(c.text, self.dtype, self.remat, c.attention)
       if c.projection_dim is not None:
         self.text_projection = layers.dense(c.projection_dim, ("embed", None), self.dtype, use_bias=False)
     if c.vision is not None:
-      self.vision_model = CLIPVisionTransformer(c.vision, self.dtype, self.remat)
+      self.vision_model = CLIPVisionTransformer(c.vision, self.dtype, self.remat, c.attention)
       if c.projection_dim is not None:
         self.visual_projection = layers.dense(c.projection_dim, ("embed", None), self.dtype, use_bias=False)
     if c.logit_scale:

@@ -190,8 +190,9 @@ def auto_attention(*, cuda: bool, dtype, head_dim: int, has_bias: bool, tpu: boo
   CUDA GPU: cuDNN flash attention for fp16/bf16 inputs with a head width that cuDNN takes on every architecture
   (<= 128, a multiple of 8) and no additive bias (cuDNN training with a bias needs even sequence lengths, and a
   [B, H, T, S] bias costs the memory traffic flash attention saves).
-  TPU: Pallas splash attention when the caller passes its masks as key masks (`splash_ok`, the UNet), with no
-  additive bias and a head width `splash_head_dim_ok` takes, where the kernel can be placed (`_splash_placeable`).
+  TPU: Pallas splash attention when the caller passes its masks as key masks (`splash_ok`: the UNet, and the CLIP
+  towers and the prior through `self_attention`), with no additive bias and a head width `splash_head_dim_ok`
+  takes, where the kernel can be placed (`_splash_placeable`).
   Else XLA."""
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if cuda and half and head_dim <= 128 and head_dim % 8 == 0 and not has_bias:
@@ -346,7 +347,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
     bias: additive bias broadcastable to [B, H, Tq, Tk], or None (required None for "splash").
     key_lengths: [B] int32 or None: row b attends to its first key_lengths[b] keys only (`pack_kept_keys`).
     implementation: "auto" (see `auto_attention`; never splash here: callers that can give key masks call
-      `splash_attention`), "xla", "cudnn" or "splash".
+      `splash_attention` or `self_attention`), "xla", "cudnn" or "splash".
   Returns:
     [B, Tq, H, D] in q's dtype. XLA runs the softmax in float32 (diffusers' `upcast_softmax`); cuDNN and splash
     accumulate in float32.
@@ -370,6 +371,55 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Ar
       _warn_cudnn_fallback(f"{type(e).__name__}: {e}")   # (auto sends no bias to cuDNN)
       impl = "xla"
   return _attend(q, k, v, bias=bias, key_lengths=key_lengths, implementation=impl)
+
+
+# ---- self-attention with a causal and/or key padding mask (CLIP towers, the prior) --------------------------------
+# Masked keys: XLA and cuDNN add `masked_value` (diffusers' -10000, CLIP_MASK_VALUE) to their logits; splash replaces
+# their logits by -0.7·float32 max. For a query row with at least one kept key both give the same float32 softmax:
+# a masked key's weight underflows to exactly 0 either way (exp(-10000 + O(10)) = 0 in float32). Rows with no kept
+# key differ (XLA: a softmax over the least-masked keys; splash: a uniform average over its computed key blocks);
+# the callers say why theirs never reach an output.
+def self_attention_bias(length: int, key_mask: jax.Array | None, *, causal: bool,
+                        masked_value: float) -> jax.Array | None:
+  """The additive bias of a causal and/or key-masked self-attention, or None when it masks nothing.
+
+  Args:
+    length: T (queries = keys).
+    key_mask: [B, T] bool (True = attend) or None.
+    causal: mask the keys after each query.
+    masked_value: added to a masked logit; above the diagonal AND on a masked key it is added twice (diffusers'
+      prior and this CLIP's text tower sum the two masks).
+  Returns:
+    [B or 1, 1, T, T] float32, or None.
+  """
+  bias = None
+  if causal:
+    bias = jnp.where(jnp.triu(jnp.ones((length, length), bool), k=1), masked_value, 0.0)[None, None]   # [1,1,T,T]
+  if key_mask is not None:
+    keys = attention_bias_from_mask(key_mask, masked_value=masked_value)[:, None, None, :]             # [B,1,1,T]
+    bias = keys if bias is None else (keys + bias).astype(jnp.float32)
+  return bias
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
+                   causal: bool = False, masked_value: float = DIFFUSERS_MASK_VALUE,
+                   implementation: str = "auto") -> jax.Array:
+  """Self-attention whose only masks are a causal mask and a key padding mask (the UNet's pattern for them).
+
+  Where `implementation` resolves to splash (`resolve_attention(..., splash_ok=True)`: "splash", or "auto" on a
+  TPU) the masks go to `splash_attention` as they are; else to `dot_product_attention` (implementation as given)
+  as one additive bias (`self_attention_bias`), the reference form.
+
+  Args:
+    q, k, v: [B, T, H, D].
+    key_mask: [B, T] bool (True = attend) or None.
+  Returns:
+    [B, T, H, D] in q's dtype.
+  """
+  if resolve_attention(implementation, q.dtype, q.shape[-1], has_bias=False, splash_ok=True) == "splash":
+    return splash_attention(q, k, v, key_mask, causal=causal)
+  bias = self_attention_bias(q.shape[1], key_mask, causal=causal, masked_value=masked_value)
+  return dot_product_attention(q, k, v, bias, implementation=implementation)
 
 
 @functools.lru_cache(maxsize=None)

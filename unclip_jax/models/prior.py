@@ -11,6 +11,13 @@ Reproduces diffusers' `PriorTransformer`, which equals Karlo's prior (docs/layou
 Unlike diffusers, the causal mask is ALWAYS applied and the padding mask is mandatory (diffusers drops both when
 no `attention_mask` is passed; its pipelines always pass one).
 
+Attention (`attention`, `layers.self_attention`): both masks are key masks (the text mask padded with 4 kept
+keys, plus causal), so "auto" runs the Pallas splash kernel on TPU and elsewhere XLA with diffusers' additive
+-10000 bias (bit for bit). The two agree on every query row with a kept key. Rows without one are the text
+positions before the first kept token (every text position under the null conditioning's all-False mask); their
+values differ between the two but never reach the output: those positions are masked keys of every other row,
+and the output reads only the last (prd) row, which always keeps its 4 additional keys.
+
 Submodules are named after the diffusers keys: `transformer_blocks.3.attn1.to_out.0` ↔
 `transformer_blocks_3/attn1/to_out_0`, so `convert/prior.py` is a pure function of the key.
 
@@ -38,41 +45,38 @@ NORMALIZATIONS = ("clip_stats", "sqrt_dim")
 STATS_PARAMS = ("clip_mean", "clip_std")     # top-level params that hold data statistics, not trained weights
 
 
-def prior_attention_bias(text_mask: jax.Array, additional_embeddings: int) -> jax.Array:
-  """Additive attention bias of the prior, exactly as diffusers builds it when a mask is passed.
+def prior_key_mask(text_mask: jax.Array, additional_embeddings: int) -> jax.Array:
+  """The prior's key padding mask: the text mask followed by the additional tokens, never masked.
 
-  Args:
-    text_mask: [B, L] bool, True = keep (right-padded text tokens).
-    additional_embeddings: tokens after the text (4: pooled text, time, x_t, prd), never masked.
-  Returns:
-    [B, 1, S, S] float32 with S = L + additional_embeddings: (1 - m)·(-10000) over the keys plus -10000 above the
-    diagonal (both add up where both apply, as in diffusers).
+  text_mask [B, L] bool (True = keep) -> [B, L + additional_embeddings] bool. With the causal mask, as a -10000
+  additive bias (`layers.self_attention_bias`), this is diffusers' attention mask: (1 - m)·(-10000) over the keys
+  plus -10000 above the diagonal, added where both apply.
   """
-  pad = layers.attention_bias_from_mask(text_mask, masked_value=layers.DIFFUSERS_MASK_VALUE)          # [B, L]
-  pad = jnp.pad(pad, ((0, 0), (0, additional_embeddings)))                             # [B, S]
-  s = pad.shape[-1]
-  causal = jnp.where(jnp.triu(jnp.ones((s, s), bool), k=1), layers.DIFFUSERS_MASK_VALUE, 0.0)           # [S, S]
-  return (pad[:, None, None, :] + causal[None, None]).astype(jnp.float32)
+  return jnp.pad(text_mask.astype(bool), ((0, 0), (0, additional_embeddings)), constant_values=True)
 
 
 class Attention(nn.Module):
   """diffusers `Attention` as used by `BasicTransformerBlock` (self-attention, biased projections).
 
-  [B, S, inner] -> [B, S, inner].
+  x [B, S, inner], key_mask [B, S] bool (True = attend) or None -> [B, S, inner]; `causal` adds the causal mask
+  (the prior's blocks set it).
   """
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     inner = self.num_heads * self.head_dim
     b, s, _ = x.shape
     split = lambda y: y.reshape(b, s, self.num_heads, self.head_dim)                 # [B, S, H, D]
     q = split(layers.dense(inner, ("embed", "heads"), self.dtype, "to_q")(x))
     k = split(layers.dense(inner, ("embed", "heads"), self.dtype, "to_k")(x))
     v = split(layers.dense(inner, ("embed", "heads"), self.dtype, "to_v")(x))
-    out = layers.dot_product_attention(q, k, v, bias)                                  # [B, S, H, D]
+    out = layers.self_attention(q, k, v, key_mask, causal=self.causal, masked_value=layers.DIFFUSERS_MASK_VALUE,
+                                implementation=self.attention)                        # [B, S, H, D]
     return layers.dense(inner, ("heads", "embed"), self.dtype, "to_out_0")(out.reshape(b, s, inner))
 
 
@@ -108,12 +112,13 @@ class TransformerBlock(nn.Module):
   head_dim: int
   dtype: Dtype = jnp.float32
   scanned: bool = False       # return (x, None), the carry/output pair `nn.scan` expects
+  attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x: jax.Array, bias: jax.Array):
+  def __call__(self, x: jax.Array, key_mask: jax.Array):
     inner = self.num_heads * self.head_dim
-    x = x + Attention(self.num_heads, self.head_dim, self.dtype, name="attn1")(
-        layers.layer_norm(self.dtype, "norm1")(x), bias)
+    x = x + Attention(self.num_heads, self.head_dim, self.dtype, self.attention, causal=True, name="attn1")(
+        layers.layer_norm(self.dtype, "norm1")(x), key_mask)
     x = x + FeedForward(inner, dtype=self.dtype, name="ff")(layers.layer_norm(self.dtype, "norm3")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return (x, None) if self.scanned else x
@@ -133,6 +138,8 @@ class PriorTransformer(nn.Module):
     scan_layers: run the blocks with `nn.scan` (one compiled block, params stacked on a leading "layers" axis
       under `transformer_blocks`); otherwise a Python loop over `transformer_blocks_{i}` (the diffusers naming
       the converters use). `stages.prior.stack_blocks` / `unstack_blocks` convert between the two trees.
+    attention: "auto" (Pallas splash attention on TPU, else XLA), "xla", "cudnn" or "splash"
+      (`layers.resolve_attention`; see the module docstring).
   """
   embedding_dim: int = 768
   num_embeddings: int = 77
@@ -144,6 +151,7 @@ class PriorTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: str = "none"
   scan_layers: bool = False
+  attention: str = "auto"
 
   @property
   def inner_dim(self) -> int:
@@ -175,10 +183,11 @@ class PriorTransformer(nn.Module):
       self.transformer_blocks = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=(nn.broadcast,),
           length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-              self.num_heads, self.head_dim, self.dtype, scanned=True)
+              self.num_heads, self.head_dim, self.dtype, scanned=True, attention=self.attention)
     else:
       # A list attribute names its members `transformer_blocks_{i}` (= diffusers `transformer_blocks.{i}`).
-      self.transformer_blocks = [block(self.num_heads, self.head_dim, self.dtype) for _ in range(self.num_layers)]
+      self.transformer_blocks = [block(self.num_heads, self.head_dim, self.dtype, attention=self.attention)
+                                 for _ in range(self.num_layers)]
     self.norm_out = layers.layer_norm(self.dtype)
     self.proj_to_clip_embeddings = layers.dense(e, ("embed", None), self.dtype)
     self.clip_mean = self.param("clip_mean", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None, None)),
@@ -210,12 +219,12 @@ class PriorTransformer(nn.Module):
     h = jnp.concatenate([s, p[:, None], temb[:, None], x[:, None], prd], axis=1)      # [B, S, I]
     h = h + self.positional_embedding.astype(self.dtype)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
-    bias = prior_attention_bias(text_mask, self.additional_embeddings)                 # [B, 1, S, S]
+    keep = prior_key_mask(text_mask, self.additional_embeddings)                       # [B, S]
     if self.scan_layers:
-      h, _ = self.transformer_blocks(h, bias)
+      h, _ = self.transformer_blocks(h, keep)
     else:
       for block in self.transformer_blocks:
-        h = block(h, bias)
+        h = block(h, keep)
     h = self.norm_out(h)
     return self.proj_to_clip_embeddings(h[:, -1]).astype(jnp.float32)                  # [B, E]
 

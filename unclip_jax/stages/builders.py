@@ -50,7 +50,8 @@ def clip_config(block: Block) -> clip_lib.CLIPConfig:
                                                                     for k in keys_v})
   return clip_lib.CLIPConfig(text=text_cfg, vision=vision_cfg, projection_dim=field(block, "projection_dim"),
                              logit_scale=bool(field(block, "logit_scale")),
-                             logit_scale_init=float(field(block, "logit_scale_init")))
+                             logit_scale_init=float(field(block, "logit_scale_init")),
+                             attention=field(block, "attention"))
 
 
 def clip(block_or_config, *, dtype=None, remat: str = "none") -> clip_lib.CLIP:
@@ -82,7 +83,8 @@ def prior(block: Block, *, dtype=None, remat: str = "none") -> prior_lib.PriorTr
       embedding_dim=field(block, "embedding_dim"), num_embeddings=field(block, "num_embeddings"),
       num_layers=field(block, "num_layers"), num_heads=field(block, "num_heads"), head_dim=field(block, "head_dim"),
       additional_embeddings=field(block, "additional_embeddings"), normalization=field(block, "normalization"),
-      dtype=_dtype(dtype), remat=remat, scan_layers=bool(field(block, "scan_layers")))
+      dtype=_dtype(dtype), remat=remat, scan_layers=bool(field(block, "scan_layers")),
+      attention=field(block, "attention"))
 
 
 def prior_dummy_inputs(model: prior_lib.PriorTransformer, batch: int = 1):
