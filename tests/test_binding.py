@@ -95,3 +95,12 @@ def test_cli_with_the_embedded_single_object_model(full, tmp_path, capsys):
 def _default_bundle():
   from unclip_jax import sample
   return sample.DEFAULT_BUNDLE
+
+
+def test_shapes2_prompts_file_is_the_binding_prompt_set():
+  """launch/shapes2_prompts.txt (the docs' grids) = make_prompts(16) with train_shapes2.sh's held-out pairs."""
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "launch" / "shapes2_prompts.txt"
+  want = [p.text for p in binding.make_prompts(16, pairs.choose_holdout(0.1, 0))]
+  assert [l for l in path.read_text().splitlines() if l.strip()] == want

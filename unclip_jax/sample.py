@@ -8,8 +8,7 @@
   python -m unclip_jax.sample inpaint     --image IMG --mask MASK --prompt "..." [--n 1] --out DIR
 
 --bundle is a folder written by `python -m unclip_jax.convert` (a converted Karlo folder, or our trained stages);
-without it a model embedded in the package is used: --model shapes (the default, one object) or --model shapes2
-(two objects, the attribute-binding study of docs/binding.md). Per-stage sampler settings (--prior-steps 25,
+without it the model embedded in the package is used. Per-stage sampler settings (--prior-steps 25,
 --prior-guidance 4.0, --decoder-steps 25, --decoder-guidance 8.0, --sr-steps 7, --*-sampler ddpm|ddim, --*-eta)
 default to the bundle's configs. The bundle's files are first checked against the sha256 record in its
 bundle.json (a damaged file is an error naming it; --no-verify skips the check, for multi-GB bundles). Writes
@@ -34,10 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from unclip_jax import embedded
-
 COMMANDS = ("generate", "variations", "interpolate", "text-diff", "inpaint")
-DEFAULT_BUNDLE = embedded.path(embedded.DEFAULT)
+DEFAULT_BUNDLE = pathlib.Path(__file__).resolve().parent / "assets" / "default_bundle"
 
 
 def _stage_flags(p: argparse.ArgumentParser) -> None:
@@ -57,7 +54,6 @@ def parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--out", required=True, help="output folder (created)")
   common.add_argument("--bundle", default=None, help="model bundle folder (default: the embedded model)")
-  embedded.add_argument(common)
   common.add_argument("--seed", type=int, default=0)
   common.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                       help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
@@ -235,11 +231,14 @@ def _run(args: argparse.Namespace) -> int:
       raise ValueError(f"--n must be >= 1, got {args.n}")
   from unclip_jax import paths as paths_lib
 
-  bundle_path = paths_lib.as_path(embedded.resolve(args.bundle, args.model))
+  bundle_path = paths_lib.as_path(args.bundle) if args.bundle else DEFAULT_BUNDLE
   if args.bundle and paths_lib.is_remote(args.bundle):      # unreachable URLs fail here, before any model loads
     paths_lib.check_reachable(args.bundle, "--bundle")
   if paths_lib.is_remote(args.out):
     paths_lib.check_reachable(args.out, "--out", write=True)
+  if args.bundle is None and not bundle_path.is_dir():
+    raise FileNotFoundError(f"no --bundle given and this installation has no embedded default model at "
+                            f"{bundle_path}; convert one with `python -m unclip_jax.convert`")
 
   if args.command == "generate":
     distributed.maybe_initialize(args.distributed)

@@ -55,9 +55,7 @@ SKIPPED_NAMES = ("grid.png",)  # sample.py's contact sheet, not a sample
 
 def default_bundle_path() -> pathlib.Path:
   """The embedded default bundle (its small CLIP: 32² images, 16 tokens)."""
-  from unclip_jax import embedded
-
-  return embedded.path(embedded.DEFAULT)
+  return pathlib.Path(__file__).resolve().parent.parent / "assets" / "default_bundle"
 
 
 class CLIPLoadError(ValueError):

@@ -1,6 +1,6 @@
 """Attribute binding on two-object shapes (unCLIP paper §7): a judge for generated images and the binding report.
 
-  python -m unclip_jax.shapes.binding --data FULL_DATASET --bundle B|--model shapes2 [--bundle-text B2] [--judge PATH]
+  python -m unclip_jax.shapes.binding --data FULL_DATASET --bundle B [--bundle-text B2] [--judge PATH]
       [--n-prompts 96] [--seeds 0,1,2] [--guidance 1,3,5] [--text-guidance 3,6] [--batch-size 24]
       [--out report.json]
 
@@ -39,7 +39,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from unclip_jax import embedded
 from unclip_jax.shapes import data as shapes
 from unclip_jax.shapes import evaluate as single
 from unclip_jax.shapes import pairs
@@ -313,8 +312,6 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--train-data", default=None, help="the decoders' training dataset (its held-out pairs define "
                                                      "the held-out prompts; default --data's metadata)")
   p.add_argument("--bundle", default=None, help="unCLIP bundle (CLIP image embedding + text decoder)")
-  p.add_argument("--model", choices=("shapes2",), default=None,
-                 help="the embedded two-object unCLIP model as the unCLIP bundle (instead of --bundle)")
   p.add_argument("--bundle-text", default=None, help="bundle with the text-only decoder")
   p.add_argument("--judge", default=None, help="judge folder; trained and saved there if missing")
   p.add_argument("--judge-steps", type=int, default=600)
@@ -338,8 +335,7 @@ def _run(args) -> int:
   text_guidance = [] if args.text_guidance is None else parse_floats(args.text_guidance, "--text-guidance")
   if args.n_prompts < 2:
     raise ValueError(f"--n-prompts must be >= 2, got {args.n_prompts}")
-  unclip = embedded.resolve(args.bundle, args.model) if args.bundle or args.model else None
-  bundles = {k: v for k, v in (("unclip", unclip), ("text", args.bundle_text)) if v}
+  bundles = {k: v for k, v in (("unclip", args.bundle), ("text", args.bundle_text)) if v}
   for name, path in bundles.items():
     if not pathlib.Path(path, "bundle.json").is_file():
       raise FileNotFoundError(f"--{'bundle' if name == 'unclip' else 'bundle-text'} {path}: no bundle.json there")
