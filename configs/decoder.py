@@ -104,8 +104,8 @@ def get_config(arg: str = ""):
     # the binding study (unCLIP paper §7).
     c.model.image_size = 24
     c.image_conditioning = variant == "shapes2"
-    # 2,000 steps: the whole recipe (launch/train_shapes2.sh, both decoders side by side) then trains and is evaluated
-    # in one 3-hour session on a 2-core CPU.
+    # 2,000 steps: what fits one 3-hour session on a 2-core CPU with the evaluation (launch/train_shapes2.sh, both
+    # decoders side by side) — too few: neither decoder draws two objects yet (docs/binding.md, first run).
     c.num_train_steps = 2000
     c.ckpt_every = 500
   if variant == "tiny":
