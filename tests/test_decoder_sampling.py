@@ -254,8 +254,14 @@ def test_text_guidance_equal_scales_is_plain_guidance(setup):
     c.sampling.steps, c.sampling.guidance_scale, c.sampling.text_guidance_scale = "3", 3.0, text_scale
     images[text_scale] = decoder_lib.make_sampler(c, models.unet, models.text_proj, models.diffusion)(
         params, cond, x_T, jax.random.key(4))
-  np.testing.assert_allclose(images[3.0], images[None], atol=1e-4)
-  assert float(jnp.abs(images[6.0] - images[None]).max()) > 1e-3
+  # guide() makes s_text = s plain guidance's arithmetic exactly (test_samplers), but the rows of the tripled batch
+  # [u; i; c] sit at other batch positions than in [u; c], and XLA:CPU may round those differently (seen on one CI
+  # machine: 4.8e-4 after 3 steps of this deliberately noisy UNet). So "the same images" is measured against what
+  # changing the text scale does (guide's formula itself: test_samplers.test_text_guidance_three_branches).
+  same = float(jnp.abs(images[3.0] - images[None]).max())
+  moved = float(jnp.abs(images[6.0] - images[None]).mean())
+  assert moved > 0.05, moved
+  assert same < 0.005 * moved, (same, moved)
   rows = decoder_lib.decoder_cond(models.text_proj, params["text_proj"], image_emb=cond.image_emb,
                                   text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=3)
   two = decoder_lib.decoder_cond(models.text_proj, params["text_proj"], image_emb=cond.image_emb,
