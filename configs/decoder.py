@@ -104,9 +104,9 @@ def get_config(arg: str = ""):
     # the binding study (unCLIP paper §7).
     c.model.image_size = 24
     c.image_conditioning = variant == "shapes2"
-    # 6,000 steps (both decoders side by side, ~1.2 steps/s each on 2 CPU cores once the prior is done): 2,000 were
-    # too few, neither decoder drew two objects (docs/binding.md, first run).
-    c.num_train_steps = 6000
+    # 4,500 steps: what fits one 3-hour session on 2 CPU cores with CLIP, the prior and the evaluation (both decoders
+    # side by side, ~0.44 steps/s each beside the prior, ~1.2 after); 2,000 were too few (docs/binding.md).
+    c.num_train_steps = 4500
     c.ckpt_every = 500
   if variant == "tiny":
     c.model.update(image_size=16, block_out_channels=(16, 32, 48), layers_per_block=2,
