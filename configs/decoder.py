@@ -105,7 +105,7 @@ def get_config(arg: str = ""):
     c.model.image_size = 24
     c.image_conditioning = variant == "shapes2"
     # 4,500 steps: what fits one 3-hour session on 2 CPU cores with CLIP, the prior and the evaluation (both decoders
-    # side by side, ~0.44 steps/s each beside the prior, ~1.2 after); 2,000 were too few (docs/binding.md).
+    # side by side: ~0.65 steps/s each beside the prior, ~0.95 after); 2,000 were too few (docs/binding.md).
     c.num_train_steps = 4500
     c.ckpt_every = 500
   if variant == "tiny":

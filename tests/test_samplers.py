@@ -209,8 +209,8 @@ def test_sampler_with_sharded_latents_matches_single_device():
 
 
 def test_text_guidance_three_branches():
-  """u + s(i − u) + s_text(c − i): plain guidance (bit for bit) when s_text = s, the image branch alone when s_text = 0, variance
-  from the cond rows; the sampler calls the model on [x; x; x]."""
+  """u + s(i − u) + s_text(c − i): plain guidance (bit for bit) when s_text = s, the image branch alone when
+  s_text = 0, variance from the cond rows; the sampler calls the model on [x; x; x]."""
   k = jax.random.split(jax.random.key(0), 3)
   u, i, c = (jax.random.normal(kk, (2, 4, 4, 6)) for kk in k)
   out = jnp.concatenate([u, i, c])

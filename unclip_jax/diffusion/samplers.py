@@ -97,17 +97,17 @@ def guide(model_out: jax.Array, scale: float, data_channels: int, learned_varian
   `text_scale` of a tripled one [3B, ...] laid out [uncond; image; cond].
 
   The mean channels are guided, u + s·(c − u), or u + s·(i − u) + s_text·(c − i), computed as
-  u + s·(c − u) + (s_text − s)·(c − i) so that s_text = s is plain guidance's arithmetic exactly; learned-variance
-  channels are taken from the cond rows. Returns [B, ..., C or 2C].
+  u + s·(c − u) + (s_text − s)·(c − i) so that s_text = s is plain guidance's arithmetic exactly;
+  learned-variance channels are taken from the cond rows. Returns [B, ..., C or 2C].
   """
   mean = lambda o: o[..., :data_channels] if learned_variance else o
   if text_scale is None:
     uncond, cond = jnp.split(model_out, 2, axis=0)
-    guided_mean = mean(uncond) + scale * (mean(cond) - mean(uncond))
   else:
     uncond, image, cond = jnp.split(model_out, 3, axis=0)
-    guided_mean = (mean(uncond) + scale * (mean(cond) - mean(uncond))
-                   + (text_scale - scale) * (mean(cond) - mean(image)))
+  guided_mean = mean(uncond) + scale * (mean(cond) - mean(uncond))
+  if text_scale is not None:
+    guided_mean = guided_mean + (text_scale - scale) * (mean(cond) - mean(image))
   if learned_variance:
     return jnp.concatenate([guided_mean, cond[..., data_channels:]], axis=-1)
   return guided_mean
