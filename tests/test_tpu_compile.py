@@ -84,9 +84,20 @@ def test_abstract_batches_have_the_keys_the_stages_read():
   assert preflight.abstract_batch(clip) == {"ids": ((8, 16), "int32"), "pixels": ((8, 30, 30, 3), "float32")}
 
 
+def test_ar_prior_abstract_batch_has_the_keys_its_task_reads():
+  from unclip_jax.stages import ar_prior
+
+  cfg = config_lib.load_config("configs/ar_prior.py:tiny", [])
+  spec = preflight.abstract_batch(cfg)
+  assert tuple(spec) == ar_prior.KEYS
+  assert spec["tokens"] == ((8, cfg.model.text_len), "int32") and spec["text_mask"][1] == "bool"
+  assert spec["image_emb"][0] == (8, cfg.model.embedding_dim)
+
+
 def test_unsupported_stage_is_a_clear_error():
   cfg = config_lib.load_config("configs/ar_prior.py:tiny", [])
-  with pytest.raises(preflight.PreflightError, match="not 'ar_prior'"):
+  cfg.stage = "vae"
+  with pytest.raises(preflight.PreflightError, match="not 'vae'"):
     preflight.abstract_batch(cfg)
 
 
@@ -180,6 +191,18 @@ def test_prior_train_step_compiles_for_v5e(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   (row,) = _rows(proc)
   assert row["program"] == "train prior:tiny" and row["fits"] and row["flops"] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_ar_prior_train_step_compiles_for_v5e(tmp_path):
+  proc = _run(["unclip_jax.train", "--config", "ar_prior:tiny", "--workdir", str(tmp_path), "--compile_only",
+               "--topology", "v5e:2x2"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  (row,) = _rows(proc)
+  assert row["program"] == "train ar_prior:tiny" and row["fits"] and row["flops"] > 0
+  # params + EMA + two Adam moments, float32, replicated on this 4x1x1 mesh: the PCA/quantiser stats included
+  assert row["argument_bytes"] >= 4 * 4 * row["params"]
 
 
 def _micro_bundle(path: pathlib.Path, decoder_attention: bool = False) -> pathlib.Path:

@@ -236,10 +236,14 @@ def abstract_batch(cfg, text_length: int = CLIP_CONTEXT) -> dict[str, tuple[tupl
     e, l = int(cfg.model.embedding_dim), int(cfg.model.num_embeddings)
     return {"image_emb": ((b, e), "float32"), "text_emb": ((b, e), "float32"),
             "text_enc": ((b, l, e), "float32"), "text_mask": ((b, l), "bool")}
+  if stage == "ar_prior":               # stages.ar_prior.KEYS: caption tokens with their mask, both embeddings
+    e, l = int(cfg.model.embedding_dim), int(cfg.model.text_len)
+    return {"tokens": ((b, l), "int32"), "text_mask": ((b, l), "bool"), "text_emb": ((b, e), "float32"),
+            "image_emb": ((b, e), "float32")}
   if stage == "clip":                   # stages.clip.clip_batch: token ids and CLIP-normalised pixels
     s, t = int(cfg.model.vision.image_size), int(cfg.model.text.context_length)
     return {"ids": ((b, t), "int32"), "pixels": ((b, s, s, 3), "float32")}
-  raise PreflightError(f"compile-only preflight supports the decoder, upsampler, prior and clip stages; not "
+  raise PreflightError(f"compile-only preflight supports the decoder, upsampler, prior, ar_prior and clip stages; not "
                        f"{stage!r} yet")
 
 
@@ -256,6 +260,18 @@ class _Zeros:
 
   def __next__(self):
     return self._batch
+
+
+class _Gaussian(_Zeros):
+  """An endless iterator of standard-normal float batches (integer and bool keys zero): the AR prior's PCA and
+  quantiser fit at task build (only their shapes reach the compiled program; zeros would leave the PCA degenerate)."""
+
+  def __init__(self, spec):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    self._batch = {k: rng.standard_normal(shape).astype(dtype) if dtype == "float32" else np.zeros(shape, dtype)
+                   for k, (shape, dtype) in spec.items()}
 
 
 def check_train_inputs(cfg, chip_count: int, topology: str) -> tuple[int, ...]:
@@ -299,7 +315,13 @@ def train_preflight(cfg, topology: str, num_slices: int = 1, *, text_length: int
   from unclip_jax.train.step import make_train_step
 
   mesh = mesh_lib.make_mesh(dict(cfg.mesh), devices)
-  kwargs = {"stats_data": _Zeros(batch_spec)} if cfg.stage == "prior" else {}
+  kwargs = {}
+  if cfg.stage == "prior":
+    kwargs = {"stats_data": _Zeros(batch_spec)}
+  elif cfg.stage == "ar_prior":         # the fit's size does not change the program: enough rows for the PCA
+    cfg = cfg.copy_and_resolve_references()
+    cfg.stats_examples = min(int(cfg.stats_examples), max(2 * int(cfg.model.num_components), 1024))
+    kwargs = {"stats_data": _Gaussian(batch_spec)}
   task = stages.make_task(cfg, data=iter(()), mesh=mesh, **kwargs)
   rules = tuple(tuple(r) for r in cfg.axis_rules)
   tx = optim.make_optimizer(cfg)
