@@ -242,6 +242,57 @@ def test_sampling_chain_compiles_for_v5e(tmp_path):
   assert chain["total_bytes"] >= max(r["total_bytes"] for r in rows[:-1])
 
 
+@pytest.mark.parametrize("spec,message", [
+    ("clip=clip:tiny", "lacks \\['prior', 'decoder'\\]"),
+    ("vae=clip:tiny,prior=prior:tiny,decoder=decoder:tiny", "is not component=config"),
+    ("clip=prior:tiny,prior=prior:tiny,decoder=decoder:tiny", "is a 'prior' config; clip takes 'clip'"),
+    ("clip=clip:nope,prior=prior:tiny,decoder=decoder:tiny", "unknown config variant 'nope'")])
+def test_bad_chain_configs_are_clear_errors(spec, message):
+  with pytest.raises(preflight.PreflightError, match=message):
+    preflight.chain_configs(spec)
+
+
+def test_karlo_chain_preset_is_the_converted_karlo_layout():
+  cfgs = preflight.chain_configs("karlo")
+  assert list(cfgs) == list(bundle.COMPONENTS)
+  assert cfgs["clip"].model.vision is None                       # Karlo ships CLIP's text tower only
+  assert cfgs["decoder"].variant == "karlo" and cfgs["super_res_last"].variant == "karlo_64_256"
+  assert cfgs["prior"].model.num_embeddings == preflight.CLIP_CONTEXT
+
+
+def test_configs_and_bundle_together_are_refused(tmp_path):
+  proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--configs", "karlo", "--bundle",
+               str(tmp_path)], timeout=120)
+  assert proc.returncode == 2 and "give one" in proc.stderr, proc.stderr[-2000:]
+
+
+@needs_libtpu
+def test_one_chip_topologies_are_whole_hosts():
+  """v5e:1x1 (one chip, the Karlo chain's target) is smaller than a host's default 2x2 block of chips."""
+  code = ("from unclip_jax import preflight\n"
+          "for name in ('v5e:1x1', 'v6e:1x1', 'v5p:1x1x1', 'v5e:2x2'):\n"
+          "  chip, devices = preflight.abstract_devices(name)\n"
+          "  print(name, len(devices), devices[0].device_kind == chip.device_kind)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split("\n")[:4] == ["v5e:1x1 1 True", "v6e:1x1 1 True", "v5p:1x1x1 1 True", "v5e:2x2 4 True"]
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_sampling_chain_from_configs_compiles_for_one_v5e_chip():
+  """`--configs` compiles a chain from stage configs alone (no weights on disk), on one v5e chip."""
+  spec = ("clip=clip:tiny,prior=prior:tiny,decoder=decoder:tiny,super_res_first=upsampler:tiny")
+  overrides = ["--decoder-steps", "2", "--prior-steps", "2", "--sr-steps", "2"]
+  proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:1x1", "--batch", "2", "--configs", spec,
+               *overrides])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  rows = _rows(proc)
+  assert [r["program"] for r in rows][-1] == "sample chain" and all(r["fits"] and r["chips"] == 1 for r in rows)
+  assert json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"')][-1])["configs"] == spec
+
+
 def test_sampling_batch_the_chips_do_not_divide(tmp_path):
   proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "3"], timeout=120)
   assert proc.returncode == 2 and "not divisible by the 4 chips" in proc.stderr, proc.stderr[-2000:]

@@ -87,7 +87,7 @@ def libtpu_available() -> bool:
 
 def abstract_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list]:
   """The compile-only devices (one per chip) of `num_slices` slices of `topology`."""
-  chip, _ = parse_topology(topology)
+  chip, dims = parse_topology(topology)
   if int(num_slices) < 1:
     raise PreflightError(f"--num_slices must be >= 1, got {num_slices}")
   if not libtpu_available():
@@ -99,8 +99,16 @@ def abstract_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list]:
   if chip.generation == "v4":
     kwargs["chip_config_name"] = "megacore"          # one device per chip (both TensorCores), as v4 runs
   try:
-    devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices
-  except Exception as e:                              # JaxRuntimeError: INVALID_ARGUMENT ...
+    try:
+      devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices
+    except Exception as e:                            # JaxRuntimeError: INVALID_ARGUMENT ...
+      if "chips_per_host_bounds" not in str(e):
+        raise
+      # a slice smaller than one host's default 2x2 block (v5e:1x1, one chip): the slice is the whole host
+      bounds = tuple(dims) + (1,) * (3 - len(dims))
+      devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", chips_per_host_bounds=bounds,
+                                             **kwargs).devices
+  except Exception as e:
     raise PreflightError(f"libtpu rejects TPU topology {topology!r}: {str(e).splitlines()[0]}") from None
   kind = devices[0].device_kind
   if kind != chip.device_kind:
@@ -368,6 +376,45 @@ def read_bundle_configs(path) -> dict[str, Any]:
   return out
 
 
+# The Karlo chain as `convert karlo` builds it (text tower only: Karlo ships CLIP's text encoder, no vision tower).
+CHAIN_PRESETS = {"karlo": {"clip": "clip:vit_l14", "prior": "prior:karlo", "decoder": "decoder:karlo",
+                           "super_res_first": "upsampler:karlo_64_256", "super_res_last": "upsampler:karlo_64_256"}}
+
+
+def chain_configs(spec: str) -> dict[str, Any]:
+  """{component: stage config} from a preset name ("karlo") or "component=config,..." (e.g.
+  "clip=clip:vit_l14,prior=prior:karlo,decoder=decoder:paper"): a chain to compile without weights on disk."""
+  from unclip_jax import bundle, config_lib
+
+  if spec in CHAIN_PRESETS:
+    pairs = dict(CHAIN_PRESETS[spec])
+  else:
+    pairs = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+      name, eq, cfg = item.partition("=")
+      if not eq or name not in bundle.COMPONENTS:
+        raise PreflightError(f"--configs: {item!r} is not component=config with a component of "
+                             f"{list(bundle.COMPONENTS)} (or use a preset: {list(CHAIN_PRESETS)})")
+      pairs[name] = cfg
+  missing = [n for n in ("clip", "prior", "decoder") if n not in pairs]
+  if missing:
+    raise PreflightError(f"--configs {spec!r} lacks {missing} (a chain needs clip, prior and decoder)")
+  out = {}
+  for name, spec_ in pairs.items():
+    try:
+      cfg = config_lib.load_config(spec_)
+    except (FileNotFoundError, ValueError) as e:
+      raise PreflightError(f"--configs {name}={spec_}: {e}") from None
+    if cfg.stage != bundle.COMPONENT_STAGES[name]:
+      raise PreflightError(f"--configs {name}={spec_} is a {cfg.stage!r} config; {name} takes "
+                           f"{bundle.COMPONENT_STAGES[name]!r}")
+    if name == "clip" and spec in CHAIN_PRESETS:
+      cfg = cfg.copy_and_resolve_references()
+      cfg.model.vision = None
+    out[name] = cfg
+  return out
+
+
 def _bytes(tree) -> int:
   import jax
   import numpy as np
@@ -376,9 +423,10 @@ def _bytes(tree) -> int:
 
 
 def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int = 1, dtype: str = "bfloat16",
-                     sampling: dict | None = None) -> list[dict[str, Any]]:
-  """Compiles each stage's jitted sampler of the bundle's pipeline for `topology` (weights replicated over a
-  ("data",) mesh of all its chips, batch rows sharded) from abstract params and inputs.
+                     sampling: dict | None = None, configs: dict | None = None) -> list[dict[str, Any]]:
+  """Compiles each stage's jitted sampler of the bundle's pipeline (or of `configs`, {component: stage config},
+  when given; no weights needed) for `topology` (weights replicated over a ("data",) mesh of all its chips, batch
+  rows sharded) from abstract params and inputs.
 
   FLOPs and estimated seconds of a sampling stage are one model forward's (its scan body) × forwards per call:
   XLA counts a loop body once and its cost model gives no time for a while loop. The last row is the chain: all
@@ -390,7 +438,7 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
   if int(batch) % count:
     raise PreflightError(f"--batch {batch} is not divisible by the {count} chips of {topology}"
                          f"{f' x {num_slices} slices' if num_slices > 1 else ''} (rows are sharded over all chips)")
-  cfgs = read_bundle_configs(bundle_path)
+  cfgs = configs if configs is not None else read_bundle_configs(bundle_path)
   chip, devices = abstract_devices(topology, num_slices)
 
   import jax
@@ -515,17 +563,25 @@ def sample_main(argv: Sequence[str]) -> int:
   p.add_argument("--num-slices", type=int, default=1)
   p.add_argument("--batch", type=int, default=8, help="images per call of each stage (rows over all chips)")
   p.add_argument("--bundle", default=None, help="model bundle folder (default: the embedded model)")
+  p.add_argument("--configs", default=None,
+                 help=f"compile stage configs instead of a bundle (no weights needed): a preset ({', '.join(CHAIN_PRESETS)}) "
+                      "or component=config,... e.g. clip=clip:vit_l14,prior=prior:karlo,decoder=decoder:karlo,"
+                      "super_res_first=upsampler:karlo_64_256")
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   sample._stage_flags(p)
   args = p.parse_args([a for a in argv if a != "generate"])
   try:
+    if args.configs and args.bundle:
+      raise PreflightError("--configs and --bundle are two sources of the chain: give one")
+    configs = chain_configs(args.configs) if args.configs else None
     bundle_path = pathlib.Path(args.bundle) if args.bundle else sample.DEFAULT_BUNDLE
     rows = sample_preflight(bundle_path, args.topology, args.batch, num_slices=args.num_slices, dtype=args.dtype,
-                            sampling=sample.sampling_overrides(args))
+                            sampling=sample.sampling_overrides(args), configs=configs)
   except (PreflightError, FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  return report(rows, bundle=str(bundle_path))
+  source = {"configs": args.configs} if configs is not None else {"bundle": str(bundle_path)}
+  return report(rows, **source)
 
 
 def train_main(cfg, topology: str | None, num_slices: int = 1) -> int:
