@@ -184,9 +184,20 @@ def _g(x, fmt):
   return "-" if x is None else format(x, fmt)
 
 
+def _collectives(r: dict) -> str:
+  """'AG 1.2 · RS 0 · AR 340 · A2A 0.1' MiB per chip (kinds with bytes), or '-' for rows measured without them."""
+  c = r.get("collectives")
+  if not c:
+    return "-"
+  short = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
+           "collective-permute": "CP"}
+  return " · ".join(f"{short[k]} {v['bytes'] / 2 ** 20:.3g}" for k, v in c.items() if v["count"]) or "none"
+
+
 def markdown(results: dict[str, dict]) -> str:
   cols = ("stage", "topology", "chips", "mesh", "batch (micro × accum)", "remat", "params", "total GiB/chip",
-          "HBM GiB", "TFLOP/micro-step", "est. step s", "est. MFU", "compile s", "compile CPU s", "fits")
+          "HBM GiB", "TFLOP/micro-step", "est. step s", "est. MFU", "collectives MiB/chip", "compile s",
+          "compile CPU s", "fits")
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   order = {row_name(s, t): i for i, (s, t) in enumerate((s, t) for s in STAGES for t in s.topologies)}
   for name in sorted(results, key=lambda n: order.get(n, 1 << 30)):
@@ -194,13 +205,13 @@ def markdown(results: dict[str, dict]) -> str:
     r = res["row"]
     if "error" in r:
       cells = (res["config"], res["topology"], res["chips"], "-", f"{res['effective_batch']}", r["remat"], "-", "-",
-               "-", "-", "-", "-", "-", "-", r["error"][:80])
+               "-", "-", "-", "-", "-", "-", "-", r["error"][:80])
     else:
       cells = (res["config"], res["topology"], res["chips"], r["mesh"],
                f"{res['effective_batch']} ({r['micro_batch']} × {r['grad_accum']})", r["remat"],
                f"{r['params'] / 1e9:.3g} B", _g(r["total_bytes"] / 2 ** 30, ".2f"), _g(r["hbm_bytes"] / 2 ** 30, ".0f"),
                _g(None if r["flops"] is None else r["flops"] / 1e12, ".4g"), _g(r["est_seconds"], ".3g"),
-               _g(r["est_mfu"], ".1%"), _g(r["compile_s"], ".0f"), _g(r.get("compile_cpu_s"), ".0f"),
+               _g(r["est_mfu"], ".1%"), _collectives(r), _g(r["compile_s"], ".0f"), _g(r.get("compile_cpu_s"), ".0f"),
                "FITS" if r["fits"] else "DOES NOT FIT")
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(lines)

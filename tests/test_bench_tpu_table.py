@@ -96,5 +96,5 @@ def test_results_append_resume_and_render(table, monkeypatch, tmp_path, capsys):
   row = json.loads(out.read_text().splitlines()[0])
   assert row["name"] == "prior:paper@v5p:4x4x4" and row["effective_batch"] == 4096
   md = capsys.readouterr().out
-  assert "| prior:paper | v5p:4x4x4 | 64 | 1x64x1 | 4096 (4096 × 1) | none | 3.5 B |" in md and "FITS" in md
+  assert "| prior:paper | v5p:4x4x4 | 64 | 1x64x1 | 4096 (4096 × 1) | none | 3.5 B |" in md and "FITS" in md and "| - |" in md
   assert table.main(["--out", str(out), "--only", "no-such-row"]) == 2

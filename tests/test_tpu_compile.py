@@ -54,6 +54,30 @@ def test_bad_topology_names(name, message):
     preflight.parse_topology(name)
 
 
+def test_collectives_of_hlo_text():
+  """Counts and result bytes per kind: a plain op, a combined (tuple) all-reduce, async -start forms (their
+  (operands, results, context) tuples count the results), and the -done halves not counted again."""
+  hlo = "\n".join([
+      "ENTRY %main {",
+      "  %all-gather.1 = bf16[4,12,48]{2,1,0:T(8,128)(2,1)} all-gather(%f.6), channel_id=374, dimensions={0}",
+      "  %all-reduce.2 = (f32[32]{0:T(128)}, bf16[3,3,16,16]{3,2,1,0}) all-reduce(%a, %b), to_apply=%add",
+      "  %reduce-scatter.3 = f32[8,320]{1,0} reduce-scatter(%g), dimensions={0}",
+      "  %collective-permute-start.4 = (bf16[8,16]{1,0}, bf16[8,16]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) "
+      "collective-permute-start(%x), channel_id=17",
+      "  %collective-permute-done.4 = bf16[8,16]{1,0} collective-permute-done(%collective-permute-start.4)",
+      "  %all-gather-start.5 = ((f32[2,64]{1,0}, f32[2]{0}), (f32[8,64]{1,0}, f32[8]{0})) all-gather-start(%p, %q)",
+      "  %all-gather-done.5 = (f32[8,64]{1,0}, f32[8]{0}) all-gather-done(%all-gather-start.5)",
+      "  %fusion.7 = f32[8]{0} fusion(%all-reduce.2), kind=kLoop",
+      "}"])
+  got = preflight.collectives(hlo)
+  assert got["all-gather"] == {"count": 2, "bytes": 4 * 12 * 48 * 2 + (8 * 64 + 8) * 4}
+  assert got["all-reduce"] == {"count": 1, "bytes": 32 * 4 + 3 * 3 * 16 * 16 * 2}
+  assert got["reduce-scatter"] == {"count": 1, "bytes": 8 * 320 * 4}
+  assert got["collective-permute"] == {"count": 1, "bytes": 8 * 16 * 2}
+  assert got["all-to-all"] == {"count": 0, "bytes": 0}
+  assert preflight.collectives(None) is None
+
+
 def test_topology_table():
   chip, dims = preflight.parse_topology("v5p:4x4x4")
   assert (chip.device_kind, chip.hbm_bytes, dims) == ("TPU v5", 95 * preflight.GiB, (4, 4, 4))

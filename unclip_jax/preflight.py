@@ -132,25 +132,77 @@ def _positive(x) -> float | None:
   return x if x is not None and math.isfinite(x) and x > 0 else None
 
 
-def pallas_kernels(compiled) -> int | None:
-  """How many Pallas TPU kernels (Mosaic `tpu_custom_call`s) the compiled program calls; None without its text."""
+def _text(compiled) -> str | None:
   try:
-    return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    return compiled.as_text()
   except Exception:
     return None
 
 
+def pallas_kernels(compiled) -> int | None:
+  """How many Pallas TPU kernels (Mosaic `tpu_custom_call`s) the compiled program calls; None without its text."""
+  text = compiled if isinstance(compiled, str) or compiled is None else _text(compiled)
+  return None if text is None else text.count('custom_call_target="tpu_custom_call"')
+
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(r"^\s*%\S+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", re.M)
+_SHAPE_RE = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+
+
+def _shape_bytes(shape_text: str) -> int:
+  """Bytes of an HLO shape ('bf16[4,320]{...}' or a tuple of them)."""
+  total = 0
+  for dtype, dims in _SHAPE_RE.findall(shape_text):
+    size = 1 if dtype == "pred" else 2 if dtype == "bf16" else max(int(re.sub(r"\D", "", dtype) or 8) // 8, 1)
+    total += size * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _top_level(tuple_text: str) -> list[str]:
+  """'(a, (b, c), d)' -> ['a', '(b, c)', 'd']."""
+  parts, depth, cur = [], 0, ""
+  for ch in tuple_text.strip()[1:-1]:
+    depth += ch in "([{"
+    depth -= ch in ")]}"
+    if ch == "," and depth == 0:
+      parts.append(cur.strip())
+      cur = ""
+    else:
+      cur += ch
+  return parts + [cur.strip()] if cur.strip() else parts
+
+
+def collectives(text: str | None) -> dict[str, dict[str, int]] | None:
+  """{kind: {"count", "bytes"}} of the cross-chip collectives in a compiled program's HLO text; bytes are each
+  op's result bytes per chip (an all-gather counts the gathered tensor, a reduce-scatter its shard; an async
+  `-start` op's (operands, results, context) tuple counts its results). A combined (tuple) collective counts once
+  with all its results."""
+  if text is None:
+    return None
+  out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+  for shape, kind, start in _COLLECTIVE_RE.findall(text):
+    if start and shape.startswith("("):
+      parts = _top_level(shape)
+      shape = parts[1] if len(parts) > 1 else shape
+    out[kind]["count"] += 1
+    out[kind]["bytes"] += _shape_bytes(shape)
+  return out
+
+
 def measure(compiled, *, compile_s: float) -> dict[str, Any]:
-  """Per-chip memory, FLOPs per chip, the compiler's estimated seconds and the Pallas kernel calls of one compiled
-  program (the cost model does not see inside a Pallas kernel: its FLOPs and time are left out of the estimate)."""
+  """Per-chip memory, FLOPs per chip, the compiler's estimated seconds, the Pallas kernel calls and the collectives
+  of one compiled program (the cost model does not see inside a Pallas kernel: its FLOPs and time are left out of
+  the estimate)."""
   m = compiled.memory_analysis()
   cost = _cost(compiled)
+  text = _text(compiled)
   args, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
   temp, alias = int(m.temp_size_in_bytes), int(m.alias_size_in_bytes)
   return {"argument_bytes": args, "output_bytes": out, "temp_bytes": temp, "alias_bytes": alias,
           "code_bytes": int(m.generated_code_size_in_bytes), "total_bytes": args + out + temp - alias,
           "flops_per_chip": _positive(cost.get("flops")), "est_seconds": _positive(cost.get("optimal_seconds")),
-          "compile_s": compile_s, "pallas_kernels": pallas_kernels(compiled)}
+          "compile_s": compile_s, "pallas_kernels": pallas_kernels(text), "collectives": collectives(text)}
 
 
 _OOM_RE = re.compile(r"required for ([\w ]+?) \(([\d.]+)([KMGTP]?)\) exceeds available HBM \(([\d.]+)([KMGTP]?)\)")
