@@ -5,8 +5,11 @@
   "text_proj" (Karlo): `builders.text_proj` (clip_embedding_dim, clip_extra_context_tokens, cross_attention_dim;
     time_embed_dim, None = 4·block_out_channels[0]);
   "glide": `builders.glide_text` (text_ctx, xf_width = cross_attention_dim, xf_layers, xf_heads, xf_final_ln,
-    xf_padding, n_vocab).
-The tiny variant runs either: `--config.model.text_encoder=glide` switches it to a 2-layer GLIDE text encoder.
+    xf_padding, n_vocab);
+  "glide_clip" (the unCLIP paper's decoder): `builders.glide_clip`, the "glide" fields plus clip_embedding_dim and
+    clip_extra_context_tokens; trains on the caption tokens of the embedding datasets (padded to text_ctx).
+The tiny variant runs any: `--config.model.text_encoder=glide` (or `glide_clip`) switches it to a 2-layer GLIDE
+text encoder.
 `paper`: the unCLIP paper's 64² decoder sizes (see the variant).
 Compute dtype and remat policy are the top-level `dtype` / `remat_policy` (config_lib.base_config).
 """
@@ -36,8 +39,11 @@ def get_config(arg: str = ""):
       time_embed_dim=None,          # None: 4·block_out_channels[0]
       flip_sin_to_cos=True, freq_shift=0.0, center_input_sample=False,   # timestep sinusoid / input options
       clip_embedding_dim=768, clip_extra_context_tokens=4,     # text_proj
-      text_encoder="text_proj",     # "text_proj" (Karlo: CLIP text + image embeddings) | "glide" (GLIDE transformer)
-      # GLIDE text transformer (used when text_encoder == "glide"): GPT-2 BPE, end_token = n_vocab - 1.
+      # "text_proj" (Karlo: CLIP text + image embeddings) | "glide" (GLIDE transformer) | "glide_clip" (the paper's:
+      # GLIDE transformer + CLIP image embedding)
+      text_encoder="text_proj",
+      # GLIDE text transformer ("glide", "glide_clip"): end_token = n_vocab - 1 pads (GPT-2 BPE's <|endoftext|>, and
+      # CLIP BPE's end of text when n_vocab = 49408); with xf_padding pads get a learned embedding whatever their id.
       text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True, n_vocab=50257,
   ))
   c.diffusion = config_lib.diffusion_config(prediction="eps", variance="learned_range", loss="hybrid")
@@ -65,14 +71,14 @@ def get_config(arg: str = ""):
     # per level, attention at 32, 16 and 8 (and the middle block), 64-wide heads, dropout 0.1; its text transformer:
     # context 256, width 2048, 24 layers, 32 heads (the xf_* fields; the UNet attends to width-2048 tokens); 1000 cosine
     # steps, sampled with 250 steps and the learned variance; batch 2048, 800K iterations, lr 1.2e-4, Adam β2 0.999, ε
-    # 1e-8, EMA 0.9999. CLIP embeddings are the paper's ViT-H/16 (1024 wide). The paper's decoder feeds the UNet the
-    # GLIDE transformer's tokens *and* 4 CLIP tokens; here a decoder has one pathway: `text_proj` (the default, the
-    # unCLIP conditioning the pipeline uses; CLIP's text tokens stand in for the transformer's) or
-    # `--config.model.text_encoder=glide` (the GLIDE transformer, no CLIP conditioning). 3.5B = the UNet + the
-    # transformer (tests/test_paper_configs.py counts both).
+    # 1e-8, EMA 0.9999. CLIP embeddings are the paper's ViT-H/16 (1024 wide). As in the paper (§2.1) the UNet gets
+    # the GLIDE transformer's tokens plus 4 tokens projected from the CLIP image embedding, which is also added to
+    # the time embedding: text_encoder "glide_clip" (models/glide_clip.py). 3.5B = the UNet + the transformer + the
+    # CLIP projections (tests/test_paper_configs.py). The text-to-image pipeline drives "text_proj" decoders only;
+    # `--config.model.text_encoder=text_proj` gives the Karlo-style conditioning at this size.
     c.model.update(block_out_channels=(512, 1024, 1536, 2048), layers_per_block=3,
                    attention_levels=(False, True, True, True), mid_block_attention=True, head_dim=64,
-                   cross_attention_dim=2048, clip_embedding_dim=1024, dropout=0.1,
+                   cross_attention_dim=2048, clip_embedding_dim=1024, dropout=0.1, text_encoder="glide_clip",
                    text_ctx=256, xf_width=2048, xf_layers=24, xf_heads=32)
     c.sampling.update(steps="250")
     c.batch_size = 2048

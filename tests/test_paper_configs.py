@@ -31,21 +31,26 @@ def _abstract(cfg):
 
 
 def test_paper_decoder_is_3_5b_with_its_text_transformer():
-  """The unCLIP decoder: the GLIDE 64² trunk (UNet) + the CLIP projection (text_proj pathway) + GLIDE's text
-  transformer, counted from the same config with the glide pathway."""
+  """The unCLIP decoder as the paper builds it (text_encoder "glide_clip"): the GLIDE 64² trunk (UNet) + GLIDE's
+  text transformer + the CLIP image-embedding projections (time embedding, 4 extra tokens)."""
   cfg = _load("decoder", "paper")
-  unclip = _abstract(cfg)
-  glide = _abstract(_load("decoder", "paper", ["model.text_encoder=glide"]))
-  assert _count(unclip["unet"]) == _count(glide["unet"])
-  total = _count(unclip) + _count(glide["text_encoder"])
-  print(f"decoder:paper unet {_count(unclip['unet']):,} text_proj {_count(unclip['text_proj']):,} "
-        f"transformer {_count(glide['text_encoder']):,} total {total:,}")
+  assert cfg.model.text_encoder == "glide_clip"
+  params = _abstract(cfg)
+  enc = params["text_encoder"]
+  transformer, clip = _count(enc["text_encoder"]), _count({k: v for k, v in enc.items() if k != "text_encoder"})
+  total = _count(params)
+  print(f"decoder:paper unet {_count(params['unet']):,} transformer {transformer:,} CLIP projections {clip:,} "
+        f"total {total:,}")
   assert total == pytest.approx(3.5e9, rel=0.05)
-  assert _count(glide["text_encoder"]) == pytest.approx(1.2e9, rel=0.15)    # 24 × 12 · 2048² + embeddings
+  assert transformer == pytest.approx(1.2e9, rel=0.15)                 # 24 × 12 · 2048² + embeddings
+  # time-embedding projection E x 4·512 and the 4 extra tokens E x 4·2048 (+ biases), the learned null embedding E
+  assert clip == 1024 * 2048 + 2048 + 1024 * 4 * 2048 + 4 * 2048 + 1024
   m = cfg.model
   assert (m.block_out_channels, m.layers_per_block, m.head_dim) == ((512, 1024, 1536, 2048), 3, 64)
   assert [64 // 2 ** i for i, a in enumerate(m.attention_levels) if a] == [32, 16, 8]
   assert (cfg.batch_size, cfg.optim.lr, cfg.num_train_steps) == (2048, 1.2e-4, 800_000)
+  karlo_style = _abstract(_load("decoder", "paper", ["model.text_encoder=text_proj"]))
+  assert _count(karlo_style["unet"]) == _count(params["unet"])
 
 
 @pytest.mark.parametrize("stage,variant,paper,rel", [

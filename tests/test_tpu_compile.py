@@ -118,6 +118,15 @@ def test_ar_prior_abstract_batch_has_the_keys_its_task_reads():
   assert spec["image_emb"][0] == (8, cfg.model.embedding_dim)
 
 
+def test_paper_decoder_batch_is_caption_tokens_and_image_embeddings():
+  from unclip_jax.stages import decoder
+
+  cfg = config_lib.load_config("configs/decoder.py:paper", [])
+  spec = preflight.abstract_batch(cfg)
+  assert tuple(spec) == decoder.GLIDE_CLIP_KEYS
+  assert spec["tokens"] == ((2048, preflight.CLIP_CONTEXT), "int32") and spec["image_emb"] == ((2048, 1024), "float32")
+
+
 def test_unsupported_stage_is_a_clear_error():
   cfg = config_lib.load_config("configs/ar_prior.py:tiny", [])
   cfg.stage = "vae"
@@ -215,6 +224,22 @@ def test_prior_train_step_compiles_for_v5e(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   (row,) = _rows(proc)
   assert row["program"] == "train prior:tiny" and row["fits"] and row["flops"] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_paper_decoder_pathway_train_step_compiles_for_v5e(tmp_path):
+  """text_encoder glide_clip (GLIDE transformer + CLIP image embedding) on a micro UNet: the transformer's params
+  are in the state and the step compiles for 4 chips."""
+  proc = _run(["unclip_jax.train", "--config", "decoder:tiny", "--workdir", str(tmp_path), "--compile_only",
+               "--topology", "v5e:2x2", *MICRO_FLAGS, "--config.model.text_encoder=glide_clip"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  (row,) = _rows(proc)
+  assert row["fits"] and row["flops"] > 0
+  plain = _run(["unclip_jax.train", "--config", "decoder:tiny", "--workdir", str(tmp_path), "--compile_only",
+                "--topology", "v5e:2x2", *MICRO_FLAGS])
+  (base,) = _rows(plain)
+  assert row["params"] > base["params"]                  # + the 2-layer GLIDE transformer
 
 
 @needs_libtpu

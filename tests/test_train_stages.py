@@ -48,6 +48,9 @@ def _cfg(stage, dirs, **overrides):
     ("prior", ("emb",), {"stats_examples": 8, "eval_every": 2, "sampling.steps": "5"}),
     ("ar_prior", ("emb",), {"stats_examples": 16, "eval_every": 2}),
     ("decoder", ("images", "emb"), {"model.image_size": 32, "eval_every": 2, "sampling.steps": "3"}),
+    # the unCLIP paper's decoder pathway: GLIDE's transformer on the stored caption tokens + the CLIP image embedding
+    ("decoder", ("images", "emb"), {"model.image_size": 32, "eval_every": 2, "sampling.steps": "3",
+                                    "model.text_encoder": "glide_clip", "model.n_vocab": 49408}),
     ("upsampler", ("images",), {"eval_every": 2, "sampling.steps": "3"}),
     ("clip", ("images",), {"model.text.vocab_size": 49408, "model.vision.image_size": 32,
                            "model.vision.patch_size": 8, "eval_every": 2}),

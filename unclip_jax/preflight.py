@@ -285,6 +285,10 @@ def abstract_batch(cfg, text_length: int = CLIP_CONTEXT) -> dict[str, tuple[tupl
   """{key: (global shape, dtype)} of one training batch of the stage, as its data iterator yields it."""
   b = int(cfg.batch_size)
   stage = cfg.stage
+  if stage == "decoder" and cfg.model.text_encoder == "glide_clip":   # stages.decoder.GLIDE_CLIP_KEYS
+    s, e = int(cfg.model.image_size), int(cfg.model.clip_embedding_dim)
+    return {"image": ((b, s, s, 3), "float32"), "image_emb": ((b, e), "float32"),
+            "tokens": ((b, text_length), "int32"), "text_mask": ((b, text_length), "bool")}
   if stage == "decoder":
     s, e = int(cfg.model.image_size), int(cfg.model.clip_embedding_dim)
     return {"image": ((b, s, s, 3), "float32"), "image_emb": ((b, e), "float32"), "text_emb": ((b, e), "float32"),

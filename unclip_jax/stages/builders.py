@@ -13,13 +13,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unclip_jax.models import ar_prior as ar_prior_lib, clip as clip_lib, glide_text as glide_text_lib
+from unclip_jax.models import ar_prior as ar_prior_lib, clip as clip_lib, glide_clip as glide_clip_lib
+from unclip_jax.models import glide_text as glide_text_lib
 from unclip_jax.models import prior as prior_lib, text_proj as text_proj_lib, unet as unet_lib
 
 Block = Mapping[str, Any]
 IMAGE_CHANNELS = 3
 CONDITIONINGS = ("none", "low_res", "inpaint", "inpaint_low_res")
-TEXT_ENCODERS = ("text_proj", "glide")          # decoder `model.text_encoder`
+# decoder `model.text_encoder`: Karlo's CLIP projection, GLIDE's transformer alone, or the unCLIP paper's decoder
+# (GLIDE's transformer + the CLIP image embedding, models/glide_clip.py)
+TEXT_ENCODERS = ("text_proj", "glide", "glide_clip")
 
 
 def field(block: Block, key: str, where: str = "model"):
@@ -216,3 +219,19 @@ def glide_dummy_inputs(model: glide_text_lib.GlideTextEncoder, batch: int = 1):
 def init_glide_text(model: glide_text_lib.GlideTextEncoder, rng: jax.Array):
   """Unboxed float32 params (jitted init)."""
   return nn.unbox(jax.jit(model.init)(rng, *glide_dummy_inputs(model)))["params"]
+
+
+def glide_clip(block: Block, *, dtype=None, remat: str = "none") -> glide_clip_lib.GlideClipConditioning:
+  """The unCLIP paper's decoder conditioning (text_encoder "glide_clip"): `glide_text` plus the CLIP image
+  embedding (clip_embedding_dim) in the time embedding and clip_extra_context_tokens extra tokens."""
+  return glide_clip_lib.GlideClipConditioning(
+      text_encoder=glide_text(block, dtype=dtype, remat=remat),
+      clip_embeddings_dim=int(field(block, "clip_embedding_dim")),
+      clip_extra_context_tokens=int(field(block, "clip_extra_context_tokens")), dtype=_dtype(dtype))
+
+
+def init_glide_clip(model: glide_clip_lib.GlideClipConditioning, rng: jax.Array):
+  """Unboxed float32 params (jitted init)."""
+  tokens, mask = glide_dummy_inputs(model.text_encoder)
+  image_emb = jnp.zeros((1, model.clip_embeddings_dim))
+  return nn.unbox(jax.jit(model.init)(rng, tokens, mask, image_emb))["params"]

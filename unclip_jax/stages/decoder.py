@@ -1,8 +1,13 @@
 """The 64² decoder stage (unCLIP §2.1): CLIP image embedding + text -> image, and inpainting.
 
-Everything about the stage but the Linen modules (`models/unet.py`, `models/text_proj.py`, `models/glide_text.py`):
-building them from the config, the training loss and task, the conditioning and null text both share, and the
-sampler.
+Everything about the stage but the Linen modules (`models/unet.py`, `models/text_proj.py`, `models/glide_text.py`,
+`models/glide_clip.py`): building them from the config, the training loss and task, the conditioning and null text
+both share, and the sampler.
+
+Text pathways (`model.text_encoder`): "text_proj" (Karlo: CLIP text states and embeddings through the text
+projection; what the text-to-image pipeline drives), "glide" (GLIDE's transformer on caption tokens, no CLIP;
+import and sampling), "glide_clip" (the unCLIP paper's decoder: GLIDE's transformer on caption tokens plus the CLIP
+image embedding, `glide_clip_cond`; trains on the caption tokens the embedding datasets store, `loss_fn_glide_clip`).
 
 Training (`loss_fn`): hybrid loss (ε-MSE + λ·VLB with the learned variance), conditioned through the text
 projection; the CLIP image embedding is replaced by text_proj's learned CFG embedding with prob `clip_drop_prob`
@@ -40,7 +45,8 @@ import jax.numpy as jnp
 
 from unclip_jax.diffusion import samplers
 from unclip_jax.diffusion.gaussian import GaussianDiffusion
-from unclip_jax.models import unet as unet_lib
+from unclip_jax.models import glide_text as glide_text_lib, unet as unet_lib
+from unclip_jax.models.glide_clip import GlideClipConditioning
 from unclip_jax.models.glide_text import GlideTextEncoder
 from unclip_jax.models.text_proj import UnCLIPTextProj
 from unclip_jax.stages import builders, common
@@ -52,12 +58,15 @@ UNET_KWARGS = ("encoder_hidden_states", "class_labels", "attention_mask")
 DEFAULT_SETTINGS = samplers.SamplerSettings(guidance_scale=8.0, clip_range=1.0)
 
 
+GLIDE_CLIP_KEYS = ("image", "image_emb", "tokens", "text_mask")   # the paper decoder's batch: caption tokens + mask
+
+
 class Models(NamedTuple):
-  """The decoder stage's modules: the UNet, its text pathway (text_proj, or GLIDE's text encoder when
-  `model.text_encoder == "glide"`; the other is None) and the Gaussian diffusion."""
+  """The decoder stage's modules: the UNet, its text pathway (text_proj; or in `text_encoder` GLIDE's text encoder
+  for "glide", the GLIDE + CLIP conditioning for "glide_clip"; the other is None) and the Gaussian diffusion."""
   unet: unet_lib.UNet
   text_proj: UnCLIPTextProj | None
-  text_encoder: GlideTextEncoder | None
+  text_encoder: GlideTextEncoder | GlideClipConditioning | None
   diffusion: GaussianDiffusion
 
 
@@ -72,15 +81,19 @@ def build(cfg, *, dtype=None) -> Models:
   common.check_output_channels(unet, diffusion, "decoder")
   if pathway == "glide":
     return Models(unet, None, builders.glide_text(cfg.model, dtype=dtype, remat=cfg.remat_policy), diffusion)
+  if pathway == "glide_clip":
+    return Models(unet, None, builders.glide_clip(cfg.model, dtype=dtype, remat=cfg.remat_policy), diffusion)
   return Models(unet, builders.text_proj(cfg.model, dtype=dtype), None, diffusion)
 
 
 def init_params(models: Models, rng: jax.Array) -> Params:
-  """{"unet": ..., "text_proj": ...} (or {"unet", "text_encoder"} with the GLIDE pathway)."""
+  """{"unet": ..., "text_proj": ...} (or {"unet", "text_encoder"} with the GLIDE / GLIDE + CLIP pathways)."""
   u_rng, t_rng = jax.random.split(rng)
   params = {"unet": builders.init_unet(models.unet, u_rng)}
   if models.text_proj is not None:
     params["text_proj"] = builders.init_text_proj(models.text_proj, t_rng)
+  elif isinstance(models.text_encoder, GlideClipConditioning):
+    params["text_encoder"] = builders.init_glide_clip(models.text_encoder, t_rng)
   else:
     params["text_encoder"] = builders.init_glide_text(models.text_encoder, t_rng)
   return params
@@ -162,6 +175,49 @@ def decoder_cond(text_proj: UnCLIPTextProj, params_text_proj: Params, *, image_e
   return text_proj.apply({"params": params_text_proj}, image_embeddings=image, prompt_embeds=emb,
                          text_encoder_hidden_states=enc, text_mask=mask, do_classifier_free_guidance=False,
                          drop_image=drop, method=UnCLIPTextProj.conditioning)
+
+
+# ---- the paper decoder's conditioning (text_encoder "glide_clip") -----------------------------------------------
+def fit_tokens(tokens: jax.Array, mask: jax.Array, text_ctx: int, end_token: int) -> tuple[jax.Array, jax.Array]:
+  """Caption tokens [B, L] + mask [B, L] -> [B, text_ctx] as GLIDE's `padded_tokens_and_mask` makes them: cut to
+  text_ctx, right-padded with `end_token` (mask False)."""
+  if tokens.ndim != 2 or mask.shape != tokens.shape:
+    raise ValueError(f"tokens and text_mask must both be [B, L], got {tuple(tokens.shape)} and {tuple(mask.shape)}")
+  tokens, mask = tokens[:, :text_ctx], mask[:, :text_ctx]
+  pad = ((0, 0), (0, text_ctx - tokens.shape[1]))
+  return (jnp.pad(tokens.astype(jnp.int32), pad, constant_values=end_token),
+          jnp.pad(mask.astype(bool), pad, constant_values=False))
+
+
+def glide_clip_cond(encoder: GlideClipConditioning, params_encoder: Params, *, image_emb: jax.Array,
+                    tokens: jax.Array, text_mask: jax.Array, guidance: bool | int = False,
+                    image_conditioning: bool = True) -> dict[str, jax.Array]:
+  """UNet keyword arguments of the paper decoder, laid out as `decoder_cond`'s: B rows, [uncond; cond] (2B) when
+  `guidance`, [uncond; image; cond] (3B) with guidance=3 (a text guidance scale).
+
+  Args:
+    image_emb: [B, E] CLIP image embeddings; tokens, text_mask: [B, L] caption ids and mask (L <= text_ctx).
+    guidance: the uncond rows get the learned null image embedding and the empty caption; the image rows (3
+      branches) the image embedding with the empty caption.
+    image_conditioning: False for a text-only decoder: every row gets the null image embedding.
+  Returns:
+    dict(encoder_hidden_states [B', ctx + 4, W], class_labels [B', Temb], attention_mask=None).
+  """
+  text = encoder.text_encoder
+  tokens, mask = fit_tokens(tokens, text_mask, text.text_ctx, text.end_token)
+  b = tokens.shape[0]
+  if image_emb.ndim != 2 or image_emb.shape[0] != b:
+    raise ValueError(f"image_emb must be [{b}, E] (one per caption), got {tuple(image_emb.shape)}")
+  branches = int(guidance) if not isinstance(guidance, bool) else (2 if guidance else 1)
+  if branches not in (1, 2, 3):
+    raise ValueError(f"guidance must be a bool or 1, 2 or 3 branches, got {guidance!r}")
+  no_text = jnp.arange(branches * b) < (branches - 1) * b          # uncond (and image-only) rows: empty caption
+  rows_tokens, rows_mask = glide_text_lib.drop_text(jnp.tile(tokens, (branches, 1)), jnp.tile(mask, (branches, 1)),
+                                                    no_text, text.end_token)
+  drop_image = jnp.concatenate([jnp.ones((b if branches > 1 else 0,), bool),
+                                jnp.full(((branches - (branches > 1)) * b,), not image_conditioning)])
+  return encoder.apply({"params": params_encoder}, rows_tokens, rows_mask, jnp.tile(image_emb, (branches, 1)),
+                       drop_image)
 
 
 # ---- inpainting inputs -------------------------------------------------------------------------------------------
@@ -330,13 +386,37 @@ def loss_fn(params, batch, rng, *, unet, text_proj, diffusion: GaussianDiffusion
                          text_encoder_hidden_states=pick(null.enc, batch["text_enc"]),
                          text_mask=pick(null.mask, batch["text_mask"].astype(bool)), do_classifier_free_guidance=False,
                          drop_image=drop_image, method=type(text_proj).conditioning)
-  t = diffusion.sample_timesteps(t_rng, b)
+  return _denoising_loss(unet, params["unet"], diffusion, x0, cond, t_rng, noise_rng, dropout_rng)
+
+
+def _denoising_loss(unet, unet_params, diffusion: GaussianDiffusion, x0, cond, t_rng, noise_rng, dropout_rng):
+  """The hybrid loss of the UNet on x0 [B, H, W, 3] under the conditioning kwargs `cond` (B rows)."""
+  t = diffusion.sample_timesteps(t_rng, x0.shape[0])
   noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
   x_t = diffusion.q_sample(x0, t, noise)
-  out = unet.apply({"params": params["unet"]}, x_t, t, deterministic=False, rngs={"dropout": dropout_rng}, **cond)
+  out = unet.apply({"params": unet_params}, x_t, t, deterministic=False, rngs={"dropout": dropout_rng}, **cond)
   terms = diffusion.loss_terms(out, x0, x_t, t, noise)
   loss = jnp.mean(terms["loss"])
   return loss, {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms.get("vb", terms["mse"]))}
+
+
+def loss_fn_glide_clip(params, batch, rng, *, unet, encoder: GlideClipConditioning, diffusion: GaussianDiffusion,
+                       clip_drop_prob: float, text_drop_prob: float, image_conditioning: bool = True):
+  """The paper decoder's loss (text_encoder "glide_clip"): `loss_fn`'s hybrid loss, conditioned through GLIDE's
+  transformer on the caption tokens plus the CLIP image embedding. batch: image [B, H, W, 3], image_emb [B, E],
+  tokens / text_mask [B, L] (L <= text_ctx, padded). The image embedding is replaced by the learned null embedding
+  with prob `clip_drop_prob` (every row when not image_conditioning), the caption by the empty one with prob
+  `text_drop_prob` (the paper: 10 % and 50 %)."""
+  x0 = batch["image"]
+  b = x0.shape[0]
+  t_rng, noise_rng, clip_rng, text_rng, dropout_rng = jax.random.split(rng, 5)
+  drop_image = jax.random.bernoulli(clip_rng, clip_drop_prob if image_conditioning else 1.0, (b,))
+  drop_text = jax.random.bernoulli(text_rng, text_drop_prob, (b,))
+  text = encoder.text_encoder
+  tokens, mask = fit_tokens(batch["tokens"], batch["text_mask"], text.text_ctx, text.end_token)
+  tokens, mask = glide_text_lib.drop_text(tokens, mask, drop_text, text.end_token)
+  cond = encoder.apply({"params": params["text_encoder"]}, tokens, mask, batch["image_emb"], drop_image)
+  return _denoising_loss(unet, params["unet"], diffusion, x0, cond, t_rng, noise_rng, dropout_rng)
 
 
 def make_task(cfg, *, data: Iterator[dict] | None = None, eval_data: Iterator[dict] | None = None,
@@ -344,28 +424,41 @@ def make_task(cfg, *, data: Iterator[dict] | None = None, eval_data: Iterator[di
   """The decoder on images + their precomputed CLIP embeddings. Evaluation: samples for held examples' CLIP
   embeddings beside the real images, and their MSE. (`mesh` is unused: every task takes it.)"""
   del mesh
-  if cfg.model.text_encoder != "text_proj":
-    raise ValueError(f"decoder training conditions through text_proj on precomputed CLIP embeddings; "
-                     f"model.text_encoder={cfg.model.text_encoder!r} is supported for import and sampling only")
+  pathway = cfg.model.text_encoder
+  if pathway not in ("text_proj", "glide_clip"):
+    raise ValueError(f"decoder training conditions through text_proj (precomputed CLIP embeddings) or glide_clip "
+                     f"(caption tokens + CLIP image embeddings); model.text_encoder={pathway!r} is supported for "
+                     "import and sampling only")
   models = build(cfg)
-  keys = ("image",) + EMBEDDING_KEYS
+  keys = ("image",) + EMBEDDING_KEYS if pathway == "text_proj" else GLIDE_CLIP_KEYS
   data = data if data is not None else common.data_iterator(cfg, cfg.model.image_size)
+  drops = dict(clip_drop_prob=cfg.clip_drop_prob, text_drop_prob=cfg.text_drop_prob,
+               image_conditioning=bool(cfg.image_conditioning))
 
   evaluate = None
   held = common.eval_batch(cfg, eval_data, cfg.model.image_size, keys)
   if held is not None:
     sampler = make_sampler(cfg, models.unet, models.text_proj, models.diffusion)
-    cond = DecoderCond(held["image_emb"], held["text_emb"], held["text_enc"], held["text_mask"])
     x_T = jax.random.normal(jax.random.key(cfg.seed + 2), held["image"].shape)
+    if pathway == "text_proj":
+      cond_of = lambda params: DecoderCond(held["image_emb"], held["text_emb"], held["text_enc"], held["text_mask"])
+    else:
+      branches = settings_for(cfg).branches
+      cond_of = jax.jit(lambda params: glide_clip_cond(
+          models.text_encoder, params["text_encoder"], image_emb=held["image_emb"], tokens=held["tokens"],
+          text_mask=held["text_mask"], guidance=branches, image_conditioning=drops["image_conditioning"]))
 
     def evaluate(params):
-      """Samples for the held examples' CLIP embeddings, shown beside the real images (top row)."""
-      images = sampler(params, cond, x_T, jax.random.key(cfg.seed + 3))
+      """Samples for the held examples' conditioning, shown beside the real images (top row)."""
+      images = sampler(params, cond_of(params), x_T, jax.random.key(cfg.seed + 3))
       return {"samples": jnp.concatenate([held["image"], images]),
               "sample_mse": jnp.mean((images - held["image"]) ** 2)}
 
-  loss = functools.partial(loss_fn, unet=models.unet, text_proj=models.text_proj, diffusion=models.diffusion,
-                           clip_drop_prob=cfg.clip_drop_prob, text_drop_prob=cfg.text_drop_prob,
-                           image_conditioning=bool(cfg.image_conditioning))
+  if pathway == "text_proj":
+    loss = functools.partial(loss_fn, unet=models.unet, text_proj=models.text_proj, diffusion=models.diffusion,
+                             **drops)
+  else:
+    loss = functools.partial(loss_fn_glide_clip, unet=models.unet, encoder=models.text_encoder,
+                             diffusion=models.diffusion, **drops)
   return Task(init_params=lambda rng: init_params(models, rng), loss_fn=loss,
               data=common.MappedIterator(data, lambda b: common.select(b, keys)), evaluate=evaluate)
