@@ -304,7 +304,8 @@ def test_bad_chain_configs_are_clear_errors(spec, message):
 def test_karlo_chain_preset_is_the_converted_karlo_layout():
   cfgs = preflight.chain_configs("karlo")
   assert list(cfgs) == list(bundle.COMPONENTS)
-  assert cfgs["clip"].model.vision is None                       # Karlo ships CLIP's text tower only
+  assert cfgs["clip"].model.vision is None and not cfgs["clip"].model.logit_scale    # Karlo: the text tower only
+  assert "vision_model" not in bundle.abstract_params(cfgs["clip"])   # builds: a valid text-only CLIP
   assert cfgs["decoder"].variant == "karlo" and cfgs["super_res_last"].variant == "karlo_64_256"
   assert cfgs["prior"].model.num_embeddings == preflight.CLIP_CONTEXT
 

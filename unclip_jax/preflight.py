@@ -466,7 +466,7 @@ def chain_configs(spec: str) -> dict[str, Any]:
                            f"{bundle.COMPONENT_STAGES[name]!r}")
     if name == "clip" and spec in CHAIN_PRESETS:
       cfg = cfg.copy_and_resolve_references()
-      cfg.model.vision = None
+      cfg.model.vision, cfg.model.logit_scale = None, False
     out[name] = cfg
   return out
 
