@@ -241,6 +241,35 @@ def test_frozen_parameters_and_weight_decay_mask():
   assert float(jnp.max(jnp.abs(updates["proj"]["kernel"]))) > 0.0
 
 
+@pytest.mark.parametrize("spec", ["prior:tiny", "decoder:tiny", "ar_prior:tiny"])
+def test_adam_moments_follow_the_param_shardings(spec):
+  """Adam's moments are sharded like their parameters even where optax nests them in partitioned / masked states
+  with frozen parameters masked out (the prior's CLIP statistics, the AR prior's PCA): they used to fall back to
+  full replication there, 8 bytes per parameter on every chip."""
+  from unclip_jax import stages
+  from unclip_jax.train import loop
+
+  cfg = config_lib.load_config(spec, [])
+  params = stages.get(cfg.stage).abstract_params(cfg)
+  tx = optim.make_optimizer(cfg)
+  abstract = jax.eval_shape(lambda p: state_lib.TrainState.create(p, tx), params)
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  # every parameter with a dimension divisible by 4 sharded over fsdp, the rest replicated
+  spec_of = lambda x: P(*[("fsdp" if i == next((d for d, n in enumerate(x.shape) if n % 4 == 0), None) else None)
+                          for i in range(x.ndim)])
+  param_sh = jax.tree.map(lambda x: NamedSharding(mesh, spec_of(x)), params)
+  state_sh = loop.state_shardings(abstract, param_sh, mesh)
+  labels = jax.tree.leaves(optim.frozen_labels(params, tuple(cfg.optim.frozen)))
+  moments = [sh for path, sh in jax.tree_util.tree_flatten_with_path(state_sh.opt_state)[0]
+             if any(getattr(k, "name", None) in ("mu", "nu") for k in path)]
+  want = [str(sh.spec) for sh, label in zip(jax.tree.leaves(param_sh), labels) if label == "train"] * 2
+  assert sorted(str(sh.spec) for sh in moments) == sorted(want)
+  assert any(sh.spec != P() for sh in moments)
+  others = [sh for path, sh in jax.tree_util.tree_flatten_with_path(state_sh.opt_state)[0]
+            if not any(getattr(k, "name", None) in ("mu", "nu") for k in path)]
+  assert all(sh.spec == P() for sh in others)                 # counts and schedule state
+
+
 def test_ema_warmup_follows_the_weights_early():
   """With warmup the n-th EMA update uses min(decay, (1+n)/(10+n)); without it a constant decay."""
   n = jnp.arange(4)

@@ -53,13 +53,23 @@ def peak_flops(device: jax.Device | str) -> float | None:
 
 
 def state_shardings(abstract_state: TrainState, param_sh, mesh) -> TrainState:
-  """Shardings for the whole state: params and EMA as `param_sh`; optimiser sub-trees shaped like the
-  params (Adam moments) follow them; everything else (counts, scalars) is replicated."""
+  """Shardings for the whole state: params and EMA as `param_sh`; every optimiser-state leaf that stands for a
+  parameter (Adam's moments, wherever optax nests them: partitioned, masked or multi-step states, with masked-out
+  frozen params) follows that parameter's sharding, matched by key path and shape; everything else (counts,
+  scalars) is replicated."""
   replicated = NamedSharding(mesh, P())
-  struct = jax.tree.structure(abstract_state.params)
-  is_param_tree = lambda sub: jax.tree.structure(sub) == struct
-  opt_sh = jax.tree.map(lambda sub: param_sh if is_param_tree(sub) else jax.tree.map(lambda _: replicated, sub),
-                        abstract_state.opt_state, is_leaf=is_param_tree)
+  paths = jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+  by_path = {tuple(path): (leaf.shape, sh) for (path, leaf), sh in zip(paths, jax.tree.leaves(param_sh))}
+
+  def opt_leaf(path, leaf):
+    path = tuple(path)
+    for i in range(len(path)):              # the longest suffix of the optimiser path that names a parameter
+      hit = by_path.get(path[i:])
+      if hit is not None and hit[0] == getattr(leaf, "shape", None):
+        return hit[1]
+    return replicated
+
+  opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, abstract_state.opt_state)
   return TrainState(step=replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh)
 
 
