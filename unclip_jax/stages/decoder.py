@@ -196,7 +196,7 @@ def glide_clip_cond(encoder: GlideClipConditioning, params_encoder: Params, *, i
   `guidance`, [uncond; image; cond] (3B) with guidance=3 (a text guidance scale).
 
   Args:
-    image_emb: [B, E] CLIP image embeddings; tokens, text_mask: [B, L] caption ids and mask (L <= text_ctx).
+    image_emb: [B, E] CLIP image embeddings; tokens, text_mask: [B, L] caption ids and mask (`fit_tokens`).
     guidance: the uncond rows get the learned null image embedding and the empty caption; the image rows (3
       branches) the image embedding with the empty caption.
     image_conditioning: False for a text-only decoder: every row gets the null image embedding.
@@ -404,7 +404,7 @@ def loss_fn_glide_clip(params, batch, rng, *, unet, encoder: GlideClipConditioni
                        clip_drop_prob: float, text_drop_prob: float, image_conditioning: bool = True):
   """The paper decoder's loss (text_encoder "glide_clip"): `loss_fn`'s hybrid loss, conditioned through GLIDE's
   transformer on the caption tokens plus the CLIP image embedding. batch: image [B, H, W, 3], image_emb [B, E],
-  tokens / text_mask [B, L] (L <= text_ctx, padded). The image embedding is replaced by the learned null embedding
+  tokens / text_mask [B, L] (cut or padded to text_ctx, `fit_tokens`). The image embedding is replaced by the learned null embedding
   with prob `clip_drop_prob` (every row when not image_conditioning), the caption by the empty one with prob
   `text_drop_prob` (the paper: 10 % and 50 %)."""
   x0 = batch["image"]
