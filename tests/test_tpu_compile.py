@@ -218,12 +218,15 @@ def test_train_step_compiles_for_v5e(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
-def test_prior_train_step_compiles_for_v5e(tmp_path):
-  proc = _run(["unclip_jax.train", "--config", "prior:tiny", "--workdir", str(tmp_path), "--compile_only",
+@pytest.mark.parametrize("config", ["prior:tiny", "ar_prior:tiny"])
+def test_prior_train_steps_compile_for_v5e(tmp_path, config):
+  proc = _run(["unclip_jax.train", "--config", config, "--workdir", str(tmp_path), "--compile_only",
                "--topology", "v5e:2x2"])
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   (row,) = _rows(proc)
-  assert row["program"] == "train prior:tiny" and row["fits"] and row["flops"] > 0
+  assert row["program"] == f"train {config}" and row["fits"] and row["flops"] > 0
+  # params + EMA + two Adam moments, float32, replicated on this 4x1x1 data-parallel mesh (frozen statistics too)
+  assert row["argument_bytes"] >= 4 * 4 * row["params"]
 
 
 @needs_libtpu
@@ -240,18 +243,6 @@ def test_paper_decoder_pathway_train_step_compiles_for_v5e(tmp_path):
                 "--topology", "v5e:2x2", *MICRO_FLAGS])
   (base,) = _rows(plain)
   assert row["params"] > base["params"]                  # + the 2-layer GLIDE transformer
-
-
-@needs_libtpu
-@pytest.mark.slow
-def test_ar_prior_train_step_compiles_for_v5e(tmp_path):
-  proc = _run(["unclip_jax.train", "--config", "ar_prior:tiny", "--workdir", str(tmp_path), "--compile_only",
-               "--topology", "v5e:2x2"])
-  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-  (row,) = _rows(proc)
-  assert row["program"] == "train ar_prior:tiny" and row["fits"] and row["flops"] > 0
-  # params + EMA + two Adam moments, float32, replicated on this 4x1x1 mesh: the PCA/quantiser stats included
-  assert row["argument_bytes"] >= 4 * 4 * row["params"]
 
 
 def _micro_bundle(path: pathlib.Path, decoder_attention: bool = False) -> pathlib.Path:
