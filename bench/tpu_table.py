@@ -47,7 +47,7 @@ MAX_ACCUM = 64
 class Stage:
   """A stage config and its effective batch (None: KARLO_ROWS_PER_CHIP × chips)."""
   config: str
-  size: str                      # "karlo" or "paper"
+  size: str                      # "karlo", "paper" or "reference"
   paper_batch: int | None = None
   note: str = ""
   sample_batch: int | None = None   # set: a sampling chain (`config` is a --configs preset) at this batch
@@ -65,6 +65,8 @@ STAGES = (
     Stage("ar_prior:paper", "paper", 4096),
     Stage("clip:vit_l14", "karlo", None, "Karlo's CLIP (ViT-L/14)"),
     Stage("clip:vit_h16", "paper", None, "the paper's ViT-H/16 CLIP; no paper batch (pretrained in the paper)"),
+    Stage("clip:vit_b32", "reference", None, "a reference compile (ViT-B/32 CLIP train step) to judge the others' "
+          "compile times on a shared host", topologies=("v5p:4x4x4",)),
     Stage("karlo", "karlo", None, "the Karlo sampling chain (text, prior, decoder, super-res to 256²)",
           sample_batch=8, topologies=("v5e:1x1",)),
 )
