@@ -137,12 +137,17 @@ def run_attempt(cmd: list[str], timeout: float) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - t0}
-  rows = [json.loads(l)["preflight"] for l in proc.stdout.splitlines() if l.startswith('{"preflight"')]
+  return parse_output(proc.stdout, proc.stderr, proc.returncode, time.perf_counter() - t0)
+
+
+def parse_output(stdout: str, stderr: str, returncode: int, wall_s: float | None) -> dict:
+  """A preflight's printed output -> its row. A sampling chain prints one row per stage and the chain last: the
+  chain is the table's row, the stages are kept beside it."""
+  rows = [json.loads(l)["preflight"] for l in stdout.splitlines() if l.startswith('{"preflight"')]
   if not rows:
-    tail = [l for l in proc.stderr.splitlines() if l.strip()][-3:]
-    return {"error": f"exit {proc.returncode}: " + " / ".join(tail)[-600:], "wall_s": time.perf_counter() - t0}
-  # a sampling chain prints one row per stage and the chain last: the chain is the table's row, stages kept
-  return dict(rows[0][-1], stages=rows[0][:-1], returncode=proc.returncode, wall_s=time.perf_counter() - t0)
+    tail = [l for l in stderr.splitlines() if l.strip()][-3:]
+    return {"error": f"exit {returncode}: " + " / ".join(tail)[-600:], "wall_s": wall_s}
+  return dict(rows[0][-1], stages=rows[0][:-1], returncode=returncode, wall_s=wall_s)
 
 
 def run_row(stage: Stage, topology: str, timeout: float) -> dict:
@@ -160,6 +165,12 @@ def run_row(stage: Stage, topology: str, timeout: float) -> dict:
             f"({result['wall_s']:.0f} s)", flush=True)
       if fits or "error" in result:     # fits, or no row at all (timed out, crashed): climbing will not help
         break
+  return result_row(stage, topology, attempts)
+
+
+def result_row(stage: Stage, topology: str, attempts: list[dict]) -> dict:
+  """The table's record of a row: its last attempt is the row."""
+  chips = chip_count(topology)
   best = attempts[-1]
   return {"name": row_name(stage, topology), "config": row_name(stage, topology).split("@")[0], "size": stage.size,
           "topology": topology, "chips": chips, "effective_batch": effective_batch(stage, chips), "note": stage.note,
@@ -227,11 +238,27 @@ def main(argv=None) -> int:
   p.add_argument("--redo", action="store_true", help="recompile rows already in --out")
   p.add_argument("--list", action="store_true", help="print the row names and exit")
   p.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
+  p.add_argument("--record", nargs=5, metavar=("ROW", "REMAT", "MICRO_BATCH", "ACCUM", "STDOUT_FILE"),
+                 help="record a row from the saved output of a preflight run by hand (its command as the ladder "
+                      "would build it; wall time from the file's age is not known, so it is left out)")
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
   rows = [(s, t) for s, t in all_rows() if not args.only or re.search(args.only, row_name(s, t))]
   if args.markdown:
     print(markdown(read(out)))
+    return 0
+  if args.record:
+    name, remat, batch, accum, file = args.record
+    match = [(s, t) for s, t in all_rows() if row_name(s, t) == name]
+    if not match:
+      print(f"error: no row {name!r} (see --list)", file=sys.stderr)
+      return 2
+    stage, topology = match[0]
+    result = parse_output(pathlib.Path(file).read_text(), "", 0, None)
+    cmd = command(stage, topology, remat, int(batch), int(accum), "/tmp/pf")
+    result.update(remat=remat, micro_batch=int(batch), grad_accum=int(accum), command=shell(cmd))
+    append(out, result_row(stage, topology, [result]))
+    print(markdown({name: read(out)[name]}))
     return 0
   if args.list:
     print("\n".join(row_name(s, t) for s, t in rows))

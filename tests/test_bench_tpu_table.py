@@ -98,3 +98,15 @@ def test_results_append_resume_and_render(table, monkeypatch, tmp_path, capsys):
   md = capsys.readouterr().out
   assert "| prior:paper | v5p:4x4x4 | 64 | 1x64x1 | 4096 (4096 × 1) | none | 3.5 B |" in md and "FITS" in md and "| - |" in md
   assert table.main(["--out", str(out), "--only", "no-such-row"]) == 2
+
+
+def test_a_row_is_recorded_from_saved_output(table, tmp_path, capsys):
+  """--record: the output of a preflight run by hand (or one whose runner was stopped) becomes the row."""
+  out, saved = tmp_path / "t.jsonl", tmp_path / "stdout.txt"
+  row = dict(FIT, program="train decoder:paper", topology="v5p:4x4x4", chips=64, batch=2048)
+  saved.write_text("| table |\n" + json.dumps({"preflight": [row]}) + "\n")
+  assert table.main(["--out", str(out), "--record", "decoder:paper@v5p:4x4x4", "none", "2048", "1", str(saved)]) == 0
+  (rec,) = [json.loads(l) for l in out.read_text().splitlines()]
+  assert rec["name"] == "decoder:paper@v5p:4x4x4" and rec["fits"] and rec["row"]["remat"] == "none"
+  assert "--config.batch_size=2048" in rec["row"]["command"] and "FITS" in capsys.readouterr().out
+  assert table.main(["--out", str(out), "--record", "nope@v5p:4x4x4", "none", "1", "1", str(saved)]) == 2
