@@ -74,8 +74,9 @@ def get_config(arg: str = ""):
     # 1e-8, EMA 0.9999. CLIP embeddings are the paper's ViT-H/16 (1024 wide). As in the paper (§2.1) the UNet gets
     # the GLIDE transformer's tokens plus 4 tokens projected from the CLIP image embedding, which is also added to
     # the time embedding: text_encoder "glide_clip" (models/glide_clip.py). 3.5B = the UNet + the transformer + the
-    # CLIP projections (tests/test_paper_configs.py). The text-to-image pipeline drives "text_proj" decoders only;
-    # `--config.model.text_encoder=text_proj` gives the Karlo-style conditioning at this size.
+    # CLIP projections (tests/test_paper_configs.py). Trained here, its captions are CLIP BPE ids (what the embedding
+    # datasets store and the pipeline's tokenizer gives, n_vocab >= 49408); `--config.model.text_encoder=text_proj`
+    # gives the Karlo-style conditioning at this size.
     c.model.update(block_out_channels=(512, 1024, 1536, 2048), layers_per_block=3,
                    attention_levels=(False, True, True, True), mid_block_attention=True, head_dim=64,
                    cross_attention_dim=2048, clip_embedding_dim=1024, dropout=0.1, text_encoder="glide_clip",

@@ -10,6 +10,7 @@ import numpy as np
 
 from unclip_jax import bundle, config_lib
 from unclip_jax.stages import builders
+from unclip_jax.stages import decoder as decoder_stage
 from unclip_jax.stages import prior as prior_stage
 
 # ---- tiny diffusers / transformers peers ---------------------------------------------------------------------------
@@ -239,17 +240,24 @@ def tiny_configs():
   return clip, prior, decoder, sr
 
 
-def build_tiny_bundle(path, seed=0, super_res=True):
+def build_tiny_bundle(path, seed=0, super_res=True, decoder_overrides=()):
+  """A random tiny text-to-image bundle; `decoder_overrides` (config overrides) change the decoder, e.g. to the
+  paper's GLIDE + CLIP pathway."""
   clip_cfg, prior_cfg, dec_cfg, sr_cfg = tiny_configs()
+  if decoder_overrides:
+    dec_cfg = config_lib.load_config("configs/decoder.py:tiny", ["sampling.steps='5'", *decoder_overrides])
   key = jax.random.key(seed)
   clip_params = _randomize(builders.init_clip(builders.clip(clip_cfg.model), key), seed)
   prior = builders.prior(prior_cfg.model)
   prior_params = _randomize(builders.init_prior(prior, key), seed + 1)
   prior_params = prior_stage.with_clip_stats(prior_params, np.zeros((1, 32)), np.ones((1, 32)))
-  unet = builders.unet(dec_cfg.model)
-  text_proj = builders.text_proj(dec_cfg.model)
-  dec_params = {"unet": _randomize(builders.init_unet(unet, key), seed + 2),
-                "text_proj": _randomize(builders.init_text_proj(text_proj, key), seed + 3)}
+  if dec_cfg.model.text_encoder == "text_proj":
+    unet = builders.unet(dec_cfg.model)
+    text_proj = builders.text_proj(dec_cfg.model)
+    dec_params = {"unet": _randomize(builders.init_unet(unet, key), seed + 2),
+                  "text_proj": _randomize(builders.init_text_proj(text_proj, key), seed + 3)}
+  else:
+    dec_params = _randomize(decoder_stage.init_params(decoder_stage.build(dec_cfg), key), seed + 2)
   path = pathlib.Path(path)
   bundle.save_component(path, "clip", clip_cfg, clip_params)
   bundle.save_component(path, "prior", prior_cfg, prior_params)

@@ -245,7 +245,7 @@ def test_paper_decoder_pathway_train_step_compiles_for_v5e(tmp_path):
   assert row["params"] > base["params"]                  # + the 2-layer GLIDE transformer
 
 
-def _micro_bundle(path: pathlib.Path, decoder_attention: bool = False) -> pathlib.Path:
+def _micro_bundle(path: pathlib.Path, decoder_attention: bool = False, decoder_overrides=()) -> pathlib.Path:
   """A bundle of micro stages (zero weights: only the configs matter to a compile)."""
   import helpers
 
@@ -253,7 +253,8 @@ def _micro_bundle(path: pathlib.Path, decoder_attention: bool = False) -> pathli
   prior_cfg.sampling.steps = "2"
   attention = ["model.attention_levels=(True,)"] if decoder_attention else []
   dec = config_lib.load_config("configs/decoder.py:tiny", MICRO_UNET + attention + ["model.image_size=8",
-                                                                                    "sampling.steps='2'"])
+                                                                                    "sampling.steps='2'",
+                                                                                    *decoder_overrides])
   sr = config_lib.load_config("configs/upsampler.py:tiny",
                               MICRO_UNET + ["model.low_res_size=8", "model.image_size=16", "sampling.steps='2'"])
   zeros = lambda cfg: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), bundle.abstract_params(cfg))
@@ -332,6 +333,18 @@ def test_sampling_chain_from_configs_compiles_for_one_v5e_chip():
   rows = _rows(proc)
   assert [r["program"] for r in rows][-1] == "sample chain" and all(r["fits"] and r["chips"] == 1 for r in rows)
   assert json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"')][-1])["configs"] == spec
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_sampling_chain_with_the_paper_decoder_compiles_for_v5e(tmp_path):
+  """A chain whose decoder is the paper's GLIDE + CLIP pathway (the transformer runs once per call, before the
+  scan; the scan body is the UNet)."""
+  b = _micro_bundle(tmp_path / "bundle", decoder_overrides=["model.text_encoder='glide_clip'", "model.n_vocab=49408"])
+  proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:2x2", "--batch", "4", "--bundle", str(b)])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  by = {r["program"]: r for r in _rows(proc)}
+  assert by["sample decoder"]["fits"] and by["sample decoder"]["forwards"] == 2 and by["sample chain"]["fits"]
 
 
 def test_sampling_batch_the_chips_do_not_divide(tmp_path):

@@ -526,7 +526,7 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
   clip_p = shard(pipe.clip_params, True)
   ids = shard(sds((b, l), jnp.int32))
   emb, enc = jax.eval_shape(lambda p, i: pipe.clip.apply({"params": p}, i, method=CLIP.encode_text), clip_p, ids)
-  text = TextEncoding(*shard((emb, enc, sds((b, l), jnp.bool_))))
+  text = TextEncoding(*shard((emb, enc, sds((b, l), jnp.bool_))), ids)
   key = shard(key)
   null = lambda cfg: text.as_prior_cond() if cfg.get("null_text", "zeros") == "empty_prompt" else None
   s, e = pipe.decoder_size, emb.shape[-1]
@@ -538,9 +538,8 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
   prior_rows = b * int(pc.num_candidates) * (2 if pc.sampling.guidance_scale != 1.0 else 1)
   branches = decoder_lib.settings_for(dc).branches
   dec_rows = branches * b
-  cond = jax.eval_shape(lambda p, ie, te, en, m: decoder_lib.decoder_cond(
-      pipe.text_proj, p, image_emb=ie, text_emb=te, text_enc=en, text_mask=m, guidance=branches),
-      dec_p["text_proj"], image_emb, text.emb, text.enc, text.mask)
+  cond = jax.eval_shape(lambda p, c: pipe.decoder_kwargs(p, c, guidance=branches), dec_p,
+                        pipe.decoder_cond(image_emb, text))
   f32 = jnp.float32
   plan = [
       ("text", pipe._encode_text, (clip_p, ids), clip_p, None, 1),

@@ -63,8 +63,7 @@ def _ddim(pipe: UnCLIP, eta: float) -> UnCLIP:
 
 def empty_text(pipe: UnCLIP, n: int) -> TextEncoding:
   """The empty prompt's CLIP encoding, n rows (the decoder text of every manipulation but inpainting)."""
-  e = pipe.encode_text([""])
-  return TextEncoding(*(jnp.repeat(x, n, axis=0) for x in (e.emb, e.enc, e.mask)))
+  return pipe.encode_text([""]).repeat(n)
 
 
 def bipartite_latent(pipe: UnCLIP, image) -> tuple[jax.Array, jax.Array]:

@@ -165,16 +165,24 @@ _split3 = jax.jit(jax.vmap(lambda k: jax.random.split(k, 3)))
 
 @dataclasses.dataclass
 class TextEncoding:
-  """CLIP text conditioning of a batch: emb [B, E], enc [B, L, D] (token states), mask [B, L] bool."""
+  """CLIP text conditioning of a batch: emb [B, E], enc [B, L, D] (token states), mask [B, L] bool, and the token
+  ids [B, L] int32 they came from (read by a decoder with the paper's GLIDE + CLIP pathway; None when unknown)."""
   emb: jax.Array
   enc: jax.Array
   mask: jax.Array
+  ids: jax.Array | None = None
 
   def as_prior_cond(self) -> common.TextCond:
     return common.TextCond(self.emb, self.enc, self.mask)
 
   def take(self, index) -> "TextEncoding":
-    return TextEncoding(self.emb[index], self.enc[index], self.mask[index])
+    return TextEncoding(self.emb[index], self.enc[index], self.mask[index],
+                        None if self.ids is None else self.ids[index])
+
+  def repeat(self, n: int) -> "TextEncoding":
+    """Every row repeated n times ([B] -> [n·B], row-major as jnp.repeat)."""
+    rep = lambda x: None if x is None else jnp.repeat(x, n, axis=0)
+    return TextEncoding(rep(self.emb), rep(self.enc), rep(self.mask), rep(self.ids))
 
 
 @dataclasses.dataclass
@@ -236,12 +244,17 @@ class UnCLIP:
                        f"{self.clip.config.text.context_length}")
 
     self.decoder_cfg = with_sampling_overrides(components["decoder"][0], sampling.get("decoder"))
-    if self.decoder_cfg.model.text_encoder != "text_proj":
-      raise ValueError("the unCLIP pipeline conditions the decoder through text_proj (CLIP embeddings); this "
-                       f"decoder uses the {self.decoder_cfg.model.text_encoder!r} text pathway")
+    pathway = self.decoder_cfg.model.text_encoder
+    if pathway not in ("text_proj", "glide_clip"):
+      raise ValueError("the unCLIP pipeline conditions the decoder on CLIP embeddings (text_encoder text_proj or "
+                       f"glide_clip); this decoder uses the {pathway!r} text pathway")
     self.decoder_params = components["decoder"][1]
     decoder = decoder_stage.build(self.decoder_cfg, dtype=self.dtype)
-    self.unet, self.text_proj = decoder.unet, decoder.text_proj
+    # glide_clip (the paper's decoder) reads the CLIP tokenizer's ids: its vocabulary must hold them
+    self.unet, self.text_proj, self.decoder_text_encoder = decoder.unet, decoder.text_proj, decoder.text_encoder
+    if pathway == "glide_clip" and int(self.decoder_cfg.model.n_vocab) < self.clip.config.text.vocab_size:
+      raise ValueError(f"the decoder's GLIDE transformer has n_vocab={self.decoder_cfg.model.n_vocab} but the "
+                       f"pipeline feeds it CLIP token ids (vocabulary {self.clip.config.text.vocab_size})")
 
     self.sr_cfg = None
     if "super_res_first" in components:
@@ -345,6 +358,7 @@ class UnCLIP:
 
     def decoder_fn(params, cond, x_T, rng, null, inpaint_image, inpaint_mask):
       return decoder_stage.sample(params, cond, x_T, rng, unet=self.unet, text_proj=self.text_proj,
+                                text_encoder=self.decoder_text_encoder,
                                 diffusion=dec_diffusion, steps=dc.sampling.steps, settings=dec_settings,
                                 null_text=null, inpaint_image=inpaint_image, inpaint_mask=inpaint_mask,
                                 inpaint_method=dc.sampling.inpaint_method,
@@ -353,9 +367,7 @@ class UnCLIP:
     self._decoder = jax.jit(self._keyed(self._under_mesh(decoder_fn), per_row(decoder_fn, 1), rng_arg=3))
 
     def invert_fn(params, cond, x0):
-      kwargs = decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
-                                        text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask,
-                                        guidance=False, image_conditioning=bool(dc.image_conditioning))
+      kwargs = self.decoder_kwargs(params, cond, guidance=False)
       model_fn = decoder_stage.model_fn_for(self.unet, params["unet"], kwargs)
       return samplers.ddim_invert(model_fn, x0, diffusion=dec_diffusion, steps=dc.sampling.steps)
     self._invert = jax.jit(per_row(invert_fn, 1) if self.batch_invariant else self._under_mesh(invert_fn))
@@ -430,7 +442,7 @@ class UnCLIP:
       prompts = [prompts]
     ids, mask = self.tokenizer.tokenize(list(prompts))
     emb, enc = self._encode_text(self.clip_params, self._rows(jnp.asarray(ids)))
-    return TextEncoding(emb, enc, self._rows(jnp.asarray(mask)))
+    return TextEncoding(emb, enc, self._rows(jnp.asarray(mask)), self._rows(jnp.asarray(ids, jnp.int32)))
 
   def encode_image(self, images: Sequence[np.ndarray]) -> jax.Array:
     """CLIP image embeddings [B, E] of uint8 RGB images of any size (CLIP preprocessing: resize, centre crop)."""
@@ -446,8 +458,7 @@ class UnCLIP:
   def _null(self, cfg, batch: int) -> TextEncoding | None:
     if cfg.null_text != "empty_prompt":
       return None
-    e = self.encode_text([""])
-    return TextEncoding(*(jnp.repeat(x, batch, axis=0) for x in (e.emb, e.enc, e.mask)))
+    return self.encode_text([""]).repeat(batch)
 
   def sample_prior(self, text: TextEncoding, rng: jax.Array, x_T: jax.Array | None = None) -> jax.Array:
     """CLIP image embeddings [B, E] for the text (x_T: [num_candidates·B, E], candidate-major)."""
@@ -455,8 +466,27 @@ class UnCLIP:
     return self._prior(self.prior_params, *self._rows((text.as_prior_cond(), rng,
                                                        None if null is None else null.as_prior_cond(), x_T)))
 
-  def decoder_cond(self, image_emb: jax.Array, text: TextEncoding) -> decoder_stage.DecoderCond:
+  def decoder_cond(self, image_emb: jax.Array, text: TextEncoding
+                   ) -> decoder_stage.DecoderCond | decoder_stage.GlideClipCond:
+    """The decoder's raw conditioning: CLIP text states and embeddings (text_proj), or the caption's token ids and
+    mask (glide_clip, the paper's decoder), with the image embeddings."""
+    if self.decoder_text_encoder is not None:
+      if text.ids is None:
+        raise ValueError("this decoder (text_encoder glide_clip) reads the caption's token ids: encode the text "
+                         "with encode_text")
+      return decoder_stage.GlideClipCond(image_emb, text.ids, text.mask)
     return decoder_stage.DecoderCond(image_emb, text.emb, text.enc, text.mask)
+
+  def decoder_kwargs(self, params, cond, guidance: bool | int) -> dict:
+    """The UNet's keyword arguments for a raw decoder conditioning (traceable)."""
+    image_conditioning = bool(self.decoder_cfg.image_conditioning)
+    if isinstance(cond, decoder_stage.GlideClipCond):
+      return decoder_stage.glide_clip_cond(self.decoder_text_encoder, params["text_encoder"], image_emb=cond.image_emb,
+                                           tokens=cond.tokens, text_mask=cond.text_mask, guidance=guidance,
+                                           image_conditioning=image_conditioning)
+    return decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
+                                      text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask,
+                                      guidance=guidance, image_conditioning=image_conditioning)
 
   def decode(self, image_emb: jax.Array, text: TextEncoding, rng: jax.Array, x_T: jax.Array | None = None, *,
              inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None) -> jax.Array:

@@ -5,9 +5,10 @@ Everything about the stage but the Linen modules (`models/unet.py`, `models/text
 both share, and the sampler.
 
 Text pathways (`model.text_encoder`): "text_proj" (Karlo: CLIP text states and embeddings through the text
-projection; what the text-to-image pipeline drives), "glide" (GLIDE's transformer on caption tokens, no CLIP;
-import and sampling), "glide_clip" (the unCLIP paper's decoder: GLIDE's transformer on caption tokens plus the CLIP
-image embedding, `glide_clip_cond`; trains on the caption tokens the embedding datasets store, `loss_fn_glide_clip`).
+projection), "glide" (GLIDE's transformer on caption tokens, no CLIP; import and sampling), "glide_clip" (the unCLIP
+paper's decoder: GLIDE's transformer on caption tokens plus the CLIP image embedding, `GlideClipCond` /
+`glide_clip_cond`; trains on the caption tokens the embedding datasets store, `loss_fn_glide_clip`). The
+text-to-image pipeline drives "text_proj" and "glide_clip".
 
 Training (`loss_fn`): hybrid loss (ε-MSE + λ·VLB with the learned variance), conditioned through the text
 projection; the CLIP image embedding is replaced by text_proj's learned CFG embedding with prob `clip_drop_prob`
@@ -115,6 +116,18 @@ class DecoderCond(NamedTuple):
   image_emb: jax.Array
   text_emb: jax.Array
   text_enc: jax.Array
+  text_mask: jax.Array
+
+
+class GlideClipCond(NamedTuple):
+  """Raw conditioning of the paper decoder (text_encoder "glide_clip"), a pytree of [B] rows.
+
+  image_emb: [B, E] CLIP image embeddings.
+  tokens: [B, L] caption token ids (the CLIP tokenizer's ids in the pipeline; cut or padded to text_ctx).
+  text_mask: [B, L] bool, True on real tokens.
+  """
+  image_emb: jax.Array
+  tokens: jax.Array
   text_mask: jax.Array
 
 
@@ -268,13 +281,16 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
            null_text: TextCond | None = None, inpaint_image: jax.Array | None = None,
            inpaint_mask: jax.Array | None = None, inpaint_method: str = "auto", resample_jumps: int = 1,
            image_conditioning: bool = True, progress: Callable[[Any], None] | None = None,
-           sharding=None) -> jax.Array:
+           sharding=None, text_encoder: GlideClipConditioning | None = None) -> jax.Array:
   """Samples 64² images (traceable; jit the caller, or use `make_sampler`).
 
   Args:
-    params: the decoder stage's params {"unet": ..., "text_proj": ...} ("text_proj" unused for prebuilt kwargs).
-    cond: `DecoderCond` ([B] rows; built with `decoder_cond`), or prebuilt UNet kwargs (encoder_hidden_states,
-      class_labels, attention_mask) with 2B rows [uncond; cond] when guiding, B otherwise.
+    params: the decoder stage's params {"unet": ..., "text_proj" or "text_encoder": ...} (the text pathway's
+      unused for prebuilt kwargs).
+    cond: `DecoderCond` ([B] rows; built with `decoder_cond`), `GlideClipCond` ([B] rows, the paper decoder; needs
+      `text_encoder`, built with `glide_clip_cond`; `null_text` does not apply: its uncond caption is the empty
+      one), or prebuilt UNet kwargs (encoder_hidden_states, class_labels, attention_mask) with 2B rows
+      [uncond; cond] when guiding, B otherwise.
     x_T: [B, H, W, 3] initial noise.
     rng: per-step noise key: step i draws `samplers.step_noise(rng, i, x_T.shape, ...)` (RePaint:
       `samplers.repaint_keys`).
@@ -305,6 +321,13 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     kwargs = decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
                           text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=branches, null_text=null_text,
                           image_conditioning=image_conditioning)
+  elif isinstance(cond, GlideClipCond):
+    if text_encoder is None:
+      raise ValueError("a GlideClipCond needs text_encoder (the decoder's GlideClipConditioning)")
+    if cond.image_emb.shape[0] != b:
+      raise ValueError(f"conditioning has {cond.image_emb.shape[0]} rows but x_T has batch {b}")
+    kwargs = glide_clip_cond(text_encoder, params["text_encoder"], image_emb=cond.image_emb, tokens=cond.tokens,
+                             text_mask=cond.text_mask, guidance=branches, image_conditioning=image_conditioning)
   elif isinstance(cond, Mapping):
     kwargs = dict(cond)
     rows = branches * b
@@ -312,7 +335,8 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
     if _cond_rows(kwargs) != rows:
       raise ValueError(f"prebuilt UNet kwargs must have {rows} rows ({layout}), got {_cond_rows(kwargs)}")
   else:
-    raise ValueError(f"cond must be a DecoderCond or a mapping of UNet kwargs, got {type(cond).__name__}")
+    raise ValueError(f"cond must be a DecoderCond, a GlideClipCond or a mapping of UNet kwargs, got "
+                     f"{type(cond).__name__}")
 
   method = inpaint_method
   if method == "auto":
@@ -341,8 +365,9 @@ def settings_for(cfg) -> samplers.SamplerSettings:
 
 def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
                  diffusion: GaussianDiffusion | None = None, *, progress: Callable[[Any], None] | None = None,
-                 sharding=None):
-  """A jitted `(params, cond, x_T, rng, null_text=None, inpaint_image=None, inpaint_mask=None) -> [B, H, W, 3]`.
+                 sharding=None, text_encoder: GlideClipConditioning | None = None):
+  """A jitted `(params, cond, x_T, rng, null_text=None, inpaint_image=None, inpaint_mask=None) -> [B, H, W, 3]`
+  (`text_encoder`: the paper decoder's conditioning, for a `GlideClipCond`).
 
   Uses cfg.sampling (steps, sampler, guidance, clipping, `inpaint_method`, `resample_jumps`) and cfg.null_text
   ("zeros"; "empty_prompt" requires `null_text`, the CLIP encoding of "").
@@ -360,7 +385,8 @@ def make_sampler(cfg, unet: unet_lib.UNet, text_proj: UnCLIPTextProj | None,
     return sample(params, cond, x_T, rng, unet=unet, text_proj=text_proj, diffusion=diffusion,
                   steps=cfg.sampling.steps, settings=settings, null_text=null_text, inpaint_image=inpaint_image,
                   inpaint_mask=inpaint_mask, inpaint_method=inpaint_method, resample_jumps=resample_jumps,
-                  image_conditioning=bool(cfg.image_conditioning), progress=progress, sharding=sharding)
+                  image_conditioning=bool(cfg.image_conditioning), progress=progress, sharding=sharding,
+                  text_encoder=text_encoder)
   return jax.jit(run)
 
 
@@ -438,19 +464,16 @@ def make_task(cfg, *, data: Iterator[dict] | None = None, eval_data: Iterator[di
   evaluate = None
   held = common.eval_batch(cfg, eval_data, cfg.model.image_size, keys)
   if held is not None:
-    sampler = make_sampler(cfg, models.unet, models.text_proj, models.diffusion)
+    sampler = make_sampler(cfg, models.unet, models.text_proj, models.diffusion, text_encoder=models.text_encoder)
     x_T = jax.random.normal(jax.random.key(cfg.seed + 2), held["image"].shape)
     if pathway == "text_proj":
-      cond_of = lambda params: DecoderCond(held["image_emb"], held["text_emb"], held["text_enc"], held["text_mask"])
+      cond = DecoderCond(held["image_emb"], held["text_emb"], held["text_enc"], held["text_mask"])
     else:
-      branches = settings_for(cfg).branches
-      cond_of = jax.jit(lambda params: glide_clip_cond(
-          models.text_encoder, params["text_encoder"], image_emb=held["image_emb"], tokens=held["tokens"],
-          text_mask=held["text_mask"], guidance=branches, image_conditioning=drops["image_conditioning"]))
+      cond = GlideClipCond(held["image_emb"], held["tokens"], held["text_mask"])
 
     def evaluate(params):
       """Samples for the held examples' conditioning, shown beside the real images (top row)."""
-      images = sampler(params, cond_of(params), x_T, jax.random.key(cfg.seed + 3))
+      images = sampler(params, cond, x_T, jax.random.key(cfg.seed + 3))
       return {"samples": jnp.concatenate([held["image"], images]),
               "sample_mse": jnp.mean((images - held["image"]) ** 2)}
 
