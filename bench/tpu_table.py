@@ -67,8 +67,10 @@ STAGES = (
     Stage("clip:vit_h16", "paper", None, "the paper's ViT-H/16 CLIP; no paper batch (pretrained in the paper)"),
     Stage("clip:vit_b32", "reference", None, "a reference compile (ViT-B/32 CLIP train step) to judge the others' "
           "compile times on a shared host", topologies=("v5p:4x4x4",)),
-    Stage("karlo", "karlo", None, "the Karlo sampling chain (text, prior, decoder, super-res to 256²)",
-          sample_batch=8, topologies=("v5e:1x1",)),
+    Stage("karlo", "karlo", None, "the Karlo sampling chain (text, prior, decoder, super-res to 256²), float32 "
+          "weights as bundles load", sample_batch=8, topologies=("v5e:1x1",)),
+    Stage("karlo:bf16", "karlo", None, "the Karlo sampling chain with bfloat16 weights", sample_batch=8,
+          topologies=("v5e:1x1",)),
 )
 # Execution order: the issue's targets first, then by topology, cheap (transformer) compiles before UNets.
 TOPOLOGY_ORDER = ("v5p:4x4x4", "v5e:1x1", "v5p:2x2x1", "v5e:2x4", "v6e:2x4")
@@ -114,8 +116,9 @@ def ladder(stage: Stage, chips: int):
 
 def command(stage: Stage, topology: str, remat: str, batch: int, accum: int, workdir: str) -> list[str]:
   if stage.sample_batch:
-    return [sys.executable, "-m", "unclip_jax.sample", "--compile-only", "--configs", stage.config, "--topology",
-            topology, "--batch", str(batch)]
+    preset, _, weights = stage.config.partition(":")
+    return [sys.executable, "-m", "unclip_jax.sample", "--compile-only", "--configs", preset, "--topology",
+            topology, "--batch", str(batch), "--param-dtype", "bfloat16" if weights == "bf16" else "float32"]
   return [sys.executable, "-m", "unclip_jax.train", "--config", stage.config, "--workdir", workdir, "--compile_only",
           "--topology", topology, f"--config.mesh.fsdp={chip_count(topology)}", "--config.mesh.data=1",
           f"--config.batch_size={batch}", f"--config.optim.grad_accum={accum}", f"--config.remat_policy={remat}"]
@@ -143,7 +146,8 @@ def run_attempt(cmd: list[str], timeout: float) -> dict:
 def parse_output(stdout: str, stderr: str, returncode: int, wall_s: float | None) -> dict:
   """A preflight's printed output -> its row. A sampling chain prints one row per stage and the chain last: the
   chain is the table's row, the stages are kept beside it."""
-  rows = [json.loads(l)["preflight"] for l in stdout.splitlines() if l.startswith('{"preflight"')]
+  objs = [json.loads(l) for l in stdout.splitlines() if l.startswith("{") and '"preflight": [' in l]
+  rows = [o["preflight"] for o in objs if "preflight" in o]
   if not rows:
     tail = [l for l in stderr.splitlines() if l.strip()][-3:]
     return {"error": f"exit {returncode}: " + " / ".join(tail)[-600:], "wall_s": wall_s}

@@ -41,7 +41,9 @@ def test_sampling_row_is_one_chain_compile(table):
   assert list(table.ladder(stage, 1)) == [("-", 8, 1)]
   cmd = table.command(stage, "v5e:1x1", "-", 8, 1, "/unused")
   assert cmd[1:] == ["-m", "unclip_jax.sample", "--compile-only", "--configs", "karlo", "--topology", "v5e:1x1",
-                     "--batch", "8"]
+                     "--batch", "8", "--param-dtype", "float32"]
+  bf16 = table.command(_stage(table, "karlo:bf16"), "v5e:1x1", "-", 8, 1, "/unused")
+  assert bf16[-2:] == ["--param-dtype", "bfloat16"] and "karlo" in bf16
   assert table.shell(cmd).startswith("python -m unclip_jax.sample")
   assert table.row_name(stage, "v5e:1x1") == "sample:karlo@v5e:1x1"
 
@@ -50,8 +52,9 @@ def test_rows_run_targets_first_and_cover_every_stage_and_topology(table):
   rows = table.all_rows()
   names = [table.row_name(s, t) for s, t in rows]
   assert len(names) == len(set(names)) == sum(len(s.topologies) for s in table.STAGES)
-  first = names[:7]
-  assert set(first) == {f"{s.config}@v5p:4x4x4" for s in table.STAGES if s.size == "paper"} | {"sample:karlo@v5e:1x1"}
+  first = names[:8]
+  assert set(first) == ({f"{s.config}@v5p:4x4x4" for s in table.STAGES if s.size == "paper"}
+                        | {"sample:karlo@v5e:1x1", "sample:karlo:bf16@v5e:1x1"})
   assert names.index("prior:paper@v5p:4x4x4") < names.index("decoder:paper@v5p:4x4x4")   # cheap compiles first
 
 
@@ -104,7 +107,7 @@ def test_a_row_is_recorded_from_saved_output(table, tmp_path, capsys):
   """--record: the output of a preflight run by hand (or one whose runner was stopped) becomes the row."""
   out, saved = tmp_path / "t.jsonl", tmp_path / "stdout.txt"
   row = dict(FIT, program="train decoder:paper", topology="v5p:4x4x4", chips=64, batch=2048)
-  saved.write_text("| table |\n" + json.dumps({"preflight": [row]}) + "\n")
+  saved.write_text("| table |\n" + json.dumps({"bundle": "b", "preflight": [row]}, sort_keys=True) + "\n")
   assert table.main(["--out", str(out), "--record", "decoder:paper@v5p:4x4x4", "none", "2048", "1", str(saved)]) == 0
   (rec,) = [json.loads(l) for l in out.read_text().splitlines()]
   assert rec["name"] == "decoder:paper@v5p:4x4x4" and rec["fits"] and rec["row"]["remat"] == "none"

@@ -479,7 +479,8 @@ def _bytes(tree) -> int:
 
 
 def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int = 1, dtype: str = "bfloat16",
-                     sampling: dict | None = None, configs: dict | None = None) -> list[dict[str, Any]]:
+                     sampling: dict | None = None, configs: dict | None = None,
+                     param_dtype: str = "float32") -> list[dict[str, Any]]:
   """Compiles each stage's jitted sampler of the bundle's pipeline (or of `configs`, {component: stage config},
   when given; no weights needed) for `topology` (weights replicated over a ("data",) mesh of all its chips, batch
   rows sharded) from abstract params and inputs.
@@ -506,7 +507,9 @@ def sample_preflight(bundle_path, topology: str, batch: int, *, num_slices: int 
   from unclip_jax.models.clip import CLIP
   from unclip_jax.stages import decoder as decoder_lib
 
-  components = {name: (cfg, bundle.abstract_params(cfg)) for name, cfg in cfgs.items()}
+  # weights as the bundle loader holds them (float32), or stored in bfloat16 (an `UnCLIP` given bf16 params)
+  cast = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(param_dtype)), tree)
+  components = {name: (cfg, cast(bundle.abstract_params(cfg))) for name, cfg in cfgs.items()}
   pipe = UnCLIP(components, sampling=sampling, dtype=dtype, devices=devices)
   mesh = pipe.mesh
   n = mesh.size
@@ -623,6 +626,8 @@ def sample_main(argv: Sequence[str]) -> int:
                       "or component=config,... e.g. clip=clip:vit_l14,prior=prior:karlo,decoder=decoder:karlo,"
                       "super_res_first=upsampler:karlo_64_256")
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="weight storage: float32 as bundles load, or bfloat16 (half the resident weights)")
   sample._stage_flags(p)
   args = p.parse_args([a for a in argv if a != "generate"])
   try:
@@ -631,7 +636,7 @@ def sample_main(argv: Sequence[str]) -> int:
     configs = chain_configs(args.configs) if args.configs else None
     bundle_path = pathlib.Path(args.bundle) if args.bundle else sample.DEFAULT_BUNDLE
     rows = sample_preflight(bundle_path, args.topology, args.batch, num_slices=args.num_slices, dtype=args.dtype,
-                            sampling=sample.sampling_overrides(args), configs=configs)
+                            sampling=sample.sampling_overrides(args), configs=configs, param_dtype=args.param_dtype)
   except (PreflightError, FileNotFoundError, ValueError, KeyError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
