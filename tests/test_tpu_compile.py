@@ -328,11 +328,14 @@ def test_sampling_chain_from_configs_compiles_for_one_v5e_chip():
   spec = ("clip=clip:tiny,prior=prior:tiny,decoder=decoder:tiny,super_res_first=upsampler:tiny")
   overrides = ["--decoder-steps", "2", "--prior-steps", "2", "--sr-steps", "2"]
   proc = _run(["unclip_jax.sample", "--compile-only", "--topology", "v5e:1x1", "--batch", "2", "--configs", spec,
-               *overrides])
+               "--param-dtype", "bfloat16", *overrides])
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   rows = _rows(proc)
   assert [r["program"] for r in rows][-1] == "sample chain" and all(r["fits"] and r["chips"] == 1 for r in rows)
   assert json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"')][-1])["configs"] == spec
+  n = sum(int(np.prod(x.shape)) for cfg in preflight.chain_configs(spec).values()
+          for x in jax.tree.leaves(bundle.abstract_params(cfg)))
+  assert rows[-1]["param_bytes"] == 2 * n                         # bf16 weights, every component resident
 
 
 @needs_libtpu
