@@ -102,10 +102,10 @@ def abstract_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list]:
     try:
       devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices
     except Exception as e:                            # JaxRuntimeError: INVALID_ARGUMENT ...
-      if "chips_per_host_bounds" not in str(e):
-        raise
-      # a slice smaller than one host's default 2x2 block (v5e:1x1, one chip): the slice is the whole host
       bounds = tuple(dims) + (1,) * (3 - len(dims))
+      if "chips_per_host_bounds" not in str(e) or any(d > h for d, h in zip(bounds, (2, 2, 1))):
+        raise
+      # a slice smaller than one host's default 2x2x1 block (v5e:1x1, one chip): the slice is the whole host
       devices = topologies.get_topology_desc(topology_name=topology, platform="tpu", chips_per_host_bounds=bounds,
                                              **kwargs).devices
   except Exception as e:
