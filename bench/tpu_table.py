@@ -226,7 +226,7 @@ def markdown(results: dict[str, dict]) -> str:
     else:
       cells = (res["config"], res["topology"], res["chips"], r["mesh"],
                f"{res['effective_batch']} ({r['micro_batch']} × {r['grad_accum']})", r["remat"],
-               f"{r['params'] / 1e9:.3g} B", _g(r["total_bytes"] / 2 ** 30, ".2f"), _g(r["hbm_bytes"] / 2 ** 30, ".0f"),
+               "-" if r.get("params") is None else f"{r['params'] / 1e9:.3g} B", _g(r["total_bytes"] / 2 ** 30, ".2f"), _g(r["hbm_bytes"] / 2 ** 30, ".0f"),
                _g(None if r["flops"] is None else r["flops"] / 1e12, ".4g"), _g(r["est_seconds"], ".3g"),
                _g(r["est_mfu"], ".1%"), _collectives(r), _g(r["compile_s"], ".0f"), _g(r.get("compile_cpu_s"), ".0f"),
                "FITS" if r["fits"] else "DOES NOT FIT")
