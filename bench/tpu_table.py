@@ -56,7 +56,7 @@ class Stage:
 
 STAGES = (
     Stage("decoder:karlo", "karlo"),
-    Stage("decoder:paper", "paper", 2048, "UNet + CLIP projection + text projection (what trains here)"),
+    Stage("decoder:paper", "paper", 2048, "the paper's decoder: UNet + GLIDE text transformer + CLIP projections"),
     Stage("upsampler:karlo_64_256", "karlo"),
     Stage("upsampler:paper_64_256", "paper", 1024),
     Stage("upsampler:paper_256_1024", "paper", 512),
