@@ -313,21 +313,20 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
   image, mask = common.check_inpaint(x_T, inpaint_image, inpaint_mask)
   branches = settings.branches
   b = x_T.shape[0]
-  if isinstance(cond, DecoderCond):
-    if text_proj is None:
-      raise ValueError("a DecoderCond needs text_proj; pass prebuilt UNet kwargs for other text pathways")
+  if isinstance(cond, (DecoderCond, GlideClipCond)):
+    raw = isinstance(cond, DecoderCond)
+    if (text_proj if raw else text_encoder) is None:
+      raise ValueError("a DecoderCond needs text_proj; pass prebuilt UNet kwargs for other text pathways" if raw
+                       else "a GlideClipCond needs text_encoder (the decoder's GlideClipConditioning)")
     if cond.image_emb.shape[0] != b:
       raise ValueError(f"conditioning has {cond.image_emb.shape[0]} rows but x_T has batch {b}")
-    kwargs = decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
-                          text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=branches, null_text=null_text,
-                          image_conditioning=image_conditioning)
-  elif isinstance(cond, GlideClipCond):
-    if text_encoder is None:
-      raise ValueError("a GlideClipCond needs text_encoder (the decoder's GlideClipConditioning)")
-    if cond.image_emb.shape[0] != b:
-      raise ValueError(f"conditioning has {cond.image_emb.shape[0]} rows but x_T has batch {b}")
-    kwargs = glide_clip_cond(text_encoder, params["text_encoder"], image_emb=cond.image_emb, tokens=cond.tokens,
-                             text_mask=cond.text_mask, guidance=branches, image_conditioning=image_conditioning)
+    if raw:
+      kwargs = decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
+                            text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=branches, null_text=null_text,
+                            image_conditioning=image_conditioning)
+    else:
+      kwargs = glide_clip_cond(text_encoder, params["text_encoder"], image_emb=cond.image_emb, tokens=cond.tokens,
+                               text_mask=cond.text_mask, guidance=branches, image_conditioning=image_conditioning)
   elif isinstance(cond, Mapping):
     kwargs = dict(cond)
     rows = branches * b
