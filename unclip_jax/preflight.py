@@ -139,9 +139,8 @@ def _text(compiled) -> str | None:
     return None
 
 
-def pallas_kernels(compiled) -> int | None:
-  """How many Pallas TPU kernels (Mosaic `tpu_custom_call`s) the compiled program calls; None without its text."""
-  text = compiled if isinstance(compiled, str) or compiled is None else _text(compiled)
+def pallas_kernels(text: str | None) -> int | None:
+  """How many Pallas TPU kernels (Mosaic `tpu_custom_call`s) a compiled program's HLO text calls; None without it."""
   return None if text is None else text.count('custom_call_target="tpu_custom_call"')
 
 
@@ -285,14 +284,14 @@ def abstract_batch(cfg, text_length: int = CLIP_CONTEXT) -> dict[str, tuple[tupl
   """{key: (global shape, dtype)} of one training batch of the stage, as its data iterator yields it."""
   b = int(cfg.batch_size)
   stage = cfg.stage
-  if stage == "decoder" and cfg.model.text_encoder == "glide_clip":   # stages.decoder.GLIDE_CLIP_KEYS
-    s, e = int(cfg.model.image_size), int(cfg.model.clip_embedding_dim)
-    return {"image": ((b, s, s, 3), "float32"), "image_emb": ((b, e), "float32"),
-            "tokens": ((b, text_length), "int32"), "text_mask": ((b, text_length), "bool")}
   if stage == "decoder":
     s, e = int(cfg.model.image_size), int(cfg.model.clip_embedding_dim)
-    return {"image": ((b, s, s, 3), "float32"), "image_emb": ((b, e), "float32"), "text_emb": ((b, e), "float32"),
-            "text_enc": ((b, text_length, e), "float32"), "text_mask": ((b, text_length), "bool")}
+    if cfg.model.text_encoder == "glide_clip":   # stages.decoder.GLIDE_CLIP_KEYS: caption tokens, not CLIP states
+      text = {"tokens": ((b, text_length), "int32")}
+    else:
+      text = {"text_emb": ((b, e), "float32"), "text_enc": ((b, text_length, e), "float32")}
+    return {"image": ((b, s, s, 3), "float32"), "image_emb": ((b, e), "float32"), **text,
+            "text_mask": ((b, text_length), "bool")}
   if stage == "upsampler":
     s = int(cfg.model.image_size)
     return {"image": ((b, s, s, 3), "float32")}

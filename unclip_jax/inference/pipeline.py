@@ -479,14 +479,8 @@ class UnCLIP:
 
   def decoder_kwargs(self, params, cond, guidance: bool | int) -> dict:
     """The UNet's keyword arguments for a raw decoder conditioning (traceable)."""
-    image_conditioning = bool(self.decoder_cfg.image_conditioning)
-    if isinstance(cond, decoder_stage.GlideClipCond):
-      return decoder_stage.glide_clip_cond(self.decoder_text_encoder, params["text_encoder"], image_emb=cond.image_emb,
-                                           tokens=cond.tokens, text_mask=cond.text_mask, guidance=guidance,
-                                           image_conditioning=image_conditioning)
-    return decoder_stage.decoder_cond(self.text_proj, params["text_proj"], image_emb=cond.image_emb,
-                                      text_emb=cond.text_emb, text_enc=cond.text_enc, text_mask=cond.text_mask,
-                                      guidance=guidance, image_conditioning=image_conditioning)
+    return decoder_stage.unet_kwargs(params, cond, text_proj=self.text_proj, text_encoder=self.decoder_text_encoder,
+                                     guidance=guidance, image_conditioning=bool(self.decoder_cfg.image_conditioning))
 
   def decode(self, image_emb: jax.Array, text: TextEncoding, rng: jax.Array, x_T: jax.Array | None = None, *,
              inpaint_image: jax.Array | None = None, inpaint_mask: jax.Array | None = None) -> jax.Array:

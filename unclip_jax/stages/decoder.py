@@ -233,6 +233,23 @@ def glide_clip_cond(encoder: GlideClipConditioning, params_encoder: Params, *, i
                        drop_image)
 
 
+def unet_kwargs(params: Params, cond: DecoderCond | GlideClipCond, *, text_proj: UnCLIPTextProj | None,
+                text_encoder: GlideClipConditioning | None, guidance: bool | int, null_text: TextCond | None = None,
+                image_conditioning: bool = True) -> dict[str, jax.Array]:
+  """The UNet's keyword arguments for a raw conditioning, through its pathway: `decoder_cond` (text_proj) for a
+  `DecoderCond`, `glide_clip_cond` (text_encoder; `null_text` does not apply) for a `GlideClipCond`."""
+  if isinstance(cond, DecoderCond):
+    if text_proj is None:
+      raise ValueError("a DecoderCond needs text_proj; pass prebuilt UNet kwargs for other text pathways")
+    return decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
+                        text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=guidance, null_text=null_text,
+                        image_conditioning=image_conditioning)
+  if text_encoder is None:
+    raise ValueError("a GlideClipCond needs text_encoder (the decoder's GlideClipConditioning)")
+  return glide_clip_cond(text_encoder, params["text_encoder"], image_emb=cond.image_emb, tokens=cond.tokens,
+                         text_mask=cond.text_mask, guidance=guidance, image_conditioning=image_conditioning)
+
+
 # ---- inpainting inputs -------------------------------------------------------------------------------------------
 def conditioning_of(unet: unet_lib.UNet) -> str:
   """"none" (3 input channels) or "inpaint" (GLIDE, 7: [x_t, image·mask, mask])."""
@@ -314,19 +331,10 @@ def sample(params: Params, cond: DecoderCond | Mapping[str, jax.Array], x_T: jax
   branches = settings.branches
   b = x_T.shape[0]
   if isinstance(cond, (DecoderCond, GlideClipCond)):
-    raw = isinstance(cond, DecoderCond)
-    if (text_proj if raw else text_encoder) is None:
-      raise ValueError("a DecoderCond needs text_proj; pass prebuilt UNet kwargs for other text pathways" if raw
-                       else "a GlideClipCond needs text_encoder (the decoder's GlideClipConditioning)")
     if cond.image_emb.shape[0] != b:
       raise ValueError(f"conditioning has {cond.image_emb.shape[0]} rows but x_T has batch {b}")
-    if raw:
-      kwargs = decoder_cond(text_proj, params["text_proj"], image_emb=cond.image_emb, text_emb=cond.text_emb,
-                            text_enc=cond.text_enc, text_mask=cond.text_mask, guidance=branches, null_text=null_text,
-                            image_conditioning=image_conditioning)
-    else:
-      kwargs = glide_clip_cond(text_encoder, params["text_encoder"], image_emb=cond.image_emb, tokens=cond.tokens,
-                               text_mask=cond.text_mask, guidance=branches, image_conditioning=image_conditioning)
+    kwargs = unet_kwargs(params, cond, text_proj=text_proj, text_encoder=text_encoder, guidance=branches,
+                         null_text=null_text, image_conditioning=image_conditioning)
   elif isinstance(cond, Mapping):
     kwargs = dict(cond)
     rows = branches * b
